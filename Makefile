@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (set up + main job) and `make test` (set up + test suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+demo: $(STAMP)
+	@bash scripts/fetch-fashion-mnist.sh || true
+	$(BIN)/adafilter demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,26 @@
+"""AdaFilter: adaptive filter fine-tuning for deep transfer learning (Guo et al., AAAI 2020)."""
+
+from .config import AdaFilterConfig
+from .errors import AdaFilterError, CheckpointError, DataError
+from .layers.gate import CNNGate, RecurrentGate, binarize
+from .layers.gated_bn import gated_batch_norm
+from .layers.gated_conv import GatedConv2dBN
+from .model import AdaFilterModel, find_conv_bn_pairs, mark_trainable, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaFilterConfig",
+    "AdaFilterError",
+    "AdaFilterModel",
+    "CNNGate",
+    "CheckpointError",
+    "DataError",
+    "GatedConv2dBN",
+    "RecurrentGate",
+    "binarize",
+    "find_conv_bn_pairs",
+    "gated_batch_norm",
+    "mark_trainable",
+    "wrap",
+]

@@ -1,0 +1,126 @@
+"""Policy networks: the recurrent gate of the paper (Eq. 2) and the CNN-gate ablation.
+
+Both output *logits*; :func:`binarize` turns them into the binary fine-tuning policy with a
+hard threshold at sigmoid = 0.5 and the straight-through estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, through_sigmoid: bool) -> Tensor:  # type: ignore[override]
+        # sigmoid(z) >= 0.5  <=>  z >= 0 (Eq. 2, forward)
+        ctx.through_sigmoid = through_sigmoid
+        if through_sigmoid:
+            ctx.save_for_backward(torch.sigmoid(logits))
+        return (logits >= 0).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        if ctx.through_sigmoid:
+            (s,) = ctx.saved_tensors
+            return grad * s * (1 - s), None
+        # Eq. 2, backward: dE/dx = dE/dx_b, x being the sigmoid's input.
+        return grad, None
+
+
+def binarize(logits: Tensor, ste: str = "identity") -> Tensor:
+    """Hard-threshold ``sigmoid(logits)`` at 0.5 with a straight-through gradient.
+
+    Args:
+        logits: Gate outputs before the sigmoid, any shape.
+        ste: ``"identity"`` passes the gradient of the binary output unchanged to the logits
+            (the paper); ``"sigmoid"`` multiplies it by the sigmoid's derivative.
+
+    Returns:
+        A tensor of 0./1. values with the dtype of ``logits``.
+    """
+    if ste not in ("identity", "sigmoid"):
+        raise ValueError(f"ste must be 'identity' or 'sigmoid', got {ste!r}")
+    return _StraightThrough.apply(logits, ste == "sigmoid")
+
+
+class RecurrentGate(nn.Module):
+    """One LSTM cell shared by all gated layers, stepped once per layer (paper Fig. 2).
+
+    Per layer ``i``: global average pool of the layer's input -> a per-layer 1x1 conv (a linear
+    map on the pooled vector) to ``embed_dim`` -> the shared LSTM step -> a per-layer linear
+    map to the layer's number of filters -> policy logits.
+
+    Args:
+        in_channels: Input channels of each gated layer, in execution order.
+        out_channels: Output filters of each gated layer, in execution order.
+        embed_dim: Embedding size fed to the LSTM.
+        hidden_dim: LSTM hidden size.
+        bias_init: Initial bias of the policy heads.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        out_channels: Sequence[int],
+        *,
+        embed_dim: int = 64,
+        hidden_dim: int = 64,
+        bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != len(out_channels):
+            raise ValueError("in_channels and out_channels must have one entry per gated layer")
+        self.embed = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
+        self.cell = nn.LSTMCell(embed_dim, hidden_dim)
+        self.heads = nn.ModuleList(nn.Linear(hidden_dim, c) for c in out_channels)
+        for head in self.heads:
+            nn.init.constant_(head.bias, bias_init)
+
+    def step(
+        self, index: int, x: Tensor, state: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Advance the LSTM on layer ``index``'s input ``x`` (B, C_in, H, W).
+
+        Returns:
+            Policy logits (B, C_out) and the new LSTM state; ``state=None`` starts from zeros.
+        """
+        e = self.embed[index](x.mean((2, 3)))  # (B, E)
+        h, c = self.cell(e, state)  # (B, H) each
+        return self.heads[index](h), (h, c)  # (B, C_out)
+
+
+class CNNGate(nn.Module):
+    """A separate CNN that sees the image and predicts every layer's policy at once.
+
+    The paper's Table 4 ablation (there a ResNet-18): features (B, D) -> one linear head per
+    gated layer.
+
+    Args:
+        features: A network mapping images (B, 3, H, W) to features (B, feature_dim).
+        feature_dim: Width of those features.
+        out_channels: Output filters of each gated layer, in execution order.
+        bias_init: Initial bias of the policy heads.
+    """
+
+    def __init__(
+        self,
+        features: nn.Module,
+        feature_dim: int,
+        out_channels: Sequence[int],
+        *,
+        bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.features = features
+        self.heads = nn.ModuleList(nn.Linear(feature_dim, c) for c in out_channels)
+        for head in self.heads:
+            nn.init.constant_(head.bias, bias_init)
+
+    def forward(self, image: Tensor) -> list[Tensor]:
+        """Policy logits for every gated layer: a list of (B, C_out_i)."""
+        f = self.features(image).flatten(1)  # (B, D)
+        return [head(f) for head in self.heads]

@@ -1,0 +1,185 @@
+"""Gated batch normalisation (paper Eq. 5) with masked statistics, as one autograd function.
+
+Eq. 5 keeps two BNs after a gated conv: one normalises the channels produced by the fine-tuned
+filters F, the other those produced by the pretrained filters S, and the policy G picks, per
+example and channel, which normalised value is used::
+
+    y[b, c] = G[b, c] * BN_F(F(x))[b, c] + (1 - G[b, c]) * BN_S(S(x))[b, c]
+
+(The paper's text names the two BNs in the opposite order of Eq. 1; here the F branch always
+pairs with BN_F.) In training, BN_F's statistics for channel ``c`` come only from the examples
+with ``G[b, c] = 1`` and BN_S's only from those with ``G[b, c] = 0``; each branch's running
+statistics are updated from those examples alone.
+
+Degenerate branches. A branch that holds very few values for a channel (one example at 2x2
+spatial size: 4 values) has a variance estimate near zero; normalising by it and
+back-propagating through ``1/sqrt(var)`` blows activations and gradients up. A branch therefore
+uses its batch statistics for channel ``c`` only if it has at least ``min_examples`` examples
+and ``min_examples * H * W >= min_values`` values; otherwise it normalises that channel with its
+running statistics (treated as constants, as in eval mode) and leaves them unchanged. Variances
+are combined from per-example ``var_mean`` with Chan's parallel formula, never as
+``E[x^2] - E[x]^2``.
+
+The gradient w.r.t. the policy is that of Eq. 5 with both BN outputs evaluated under their own
+branch statistics: ``dL/dG[b, c] = sum_hw dL/dy * (BN_F(F(x)) - BN_S(S(x)))``. Which examples
+enter a branch's statistics is a discrete choice and carries no gradient.
+
+Everything is computed from per-(example, channel) reductions and fused multiply-adds, so the
+forward reads each conv output twice and the backward reads it twice more; a composition of
+``torch.where`` + two ``F.batch_norm`` calls on masked copies needs several times that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _BranchStats:
+    """Per-channel statistics of one branch (all tensors (C,))."""
+
+    __slots__ = ("mean", "rstd", "scale", "shift", "use_batch", "count")
+
+    def __init__(self, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
+                 use_batch: Tensor, count: Tensor) -> None:
+        self.mean, self.rstd, self.scale, self.shift = mean, rstd, scale, shift
+        self.use_batch, self.count = use_batch, count
+
+
+def _branch_stats(
+    x: Tensor,
+    mask: Tensor,
+    bn: nn.BatchNorm2d,
+    training: bool,
+    min_examples: int,
+    min_values: int,
+) -> _BranchStats:
+    """Statistics of one branch; updates ``bn``'s running statistics in training."""
+    weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+    bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    weight, bias = weight.detach(), bias.detach()
+    hw = x.shape[2] * x.shape[3]
+    run_mean = bn.running_mean.to(x.dtype)
+    run_var = bn.running_var.to(x.dtype)
+    if not training:
+        rstd = torch.rsqrt(run_var + bn.eps)
+        scale = weight * rstd
+        false = torch.zeros_like(run_mean, dtype=torch.bool)
+        return _BranchStats(run_mean, rstd, scale, bias - run_mean * scale, false, run_mean * 0)
+
+    var_bc, mean_bc = torch.var_mean(x, dim=(2, 3), correction=0)  # (B, C) each
+    k = mask.sum(0)  # (C,) examples routed to this branch
+    n = k * hw  # (C,) values
+    k_safe = k.clamp(min=1)
+    mean = (mask * mean_bc).sum(0) / k_safe  # (C,)
+    # Chan et al.: M2 = sum_b [M2_b + hw * (mean_b - mean)^2] over the branch's examples.
+    m2 = (mask * (var_bc + (mean_bc - mean) ** 2)).sum(0) * hw
+    var = m2 / n.clamp(min=1)
+    use_batch = (k >= min_examples) & (n >= min_values)
+    mu = torch.where(use_batch, mean, run_mean)
+    rstd = torch.rsqrt(torch.where(use_batch, var, run_var) + bn.eps)
+    scale = weight * rstd
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            momentum = 1.0 / float(bn.num_batches_tracked)
+        unbiased = var * n / (n - 1).clamp(min=1)
+        new_mean = torch.lerp(run_mean, mean, momentum)
+        new_var = torch.lerp(run_var, unbiased, momentum)
+        bn.running_mean.copy_(torch.where(use_batch, new_mean, run_mean))
+        bn.running_var.copy_(torch.where(use_batch, new_var, run_var))
+    return _BranchStats(mu, rstd, scale, bias - mu * scale, use_batch, n)
+
+
+class _GatedBNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        xf: Tensor,
+        xs: Tensor,
+        g: Tensor,
+        wf: Tensor,
+        bf: Tensor,
+        ws: Tensor,
+        bs: Tensor,
+        sf: _BranchStats,
+        ss: _BranchStats,
+    ) -> Tensor:
+        sel = g > 0.5  # (B, C)
+        scale = torch.where(sel, sf.scale, ss.scale)[:, :, None, None]  # (B, C, 1, 1)
+        shift = torch.where(sel, sf.shift, ss.shift)[:, :, None, None]
+        z = torch.where(sel[:, :, None, None], xf, xs)  # (B, C, H, W): Eq. 1 selection
+        y = torch.addcmul(shift, z, scale)  # Eq. 5 with each branch's own statistics
+        ctx.save_for_backward(xf, xs, g)
+        ctx.stats = (sf, ss)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        xf, xs, g = ctx.saved_tensors
+        sf, ss = ctx.stats
+        dy = dy.contiguous()
+        a = dy.sum((2, 3))  # (B, C)
+        pf = torch.einsum("bchw,bchw->bc", dy, xf)  # sum_hw dy * xf
+        ps = torch.einsum("bchw,bchw->bc", dy, xs)
+        grads = []
+        for x, p, mask, st in ((xf, pf, g, sf), (xs, ps, 1.0 - g, ss)):
+            sum_dy = (mask * a).sum(0)  # (C,)  = dL/dbeta
+            sum_dy_xhat = st.rstd * (mask * (p - st.mean * a)).sum(0)  # (C,) = dL/dgamma
+            # dx = k1*dy + k2*x + k3, folded per (b, c); rows not routed here get 0.
+            n = st.count.clamp(min=1)
+            k1 = st.scale
+            k2 = torch.where(st.use_batch, -st.scale * st.rstd * sum_dy_xhat / n, 0.0)
+            k3 = torch.where(st.use_batch, -st.scale * sum_dy / n, 0.0) - k2 * st.mean
+            k1, k2, k3 = ((mask * k)[:, :, None, None] for k in (k1, k2, k3))  # (B, C, 1, 1)
+            dx = torch.addcmul(k3, dy, k1)
+            dx.addcmul_(x, k2)
+            grads.append((dx, sum_dy_xhat, sum_dy))
+        (dxf, dwf, dbf), (dxs, dws, dbs) = grads
+        dg = None
+        if ctx.needs_input_grad[2]:
+            # Eq. 5 differentiated w.r.t. G: sum_hw dy * (y_F - y_S).
+            dg = sf.scale * pf + sf.shift * a - ss.scale * ps - ss.shift * a
+        return dxf, dxs, dg, dwf, dbf, dws, dbs, None, None
+
+
+def gated_batch_norm(
+    xf: Tensor,
+    xs: Tensor,
+    g: Tensor,
+    bn_f: nn.BatchNorm2d,
+    bn_s: nn.BatchNorm2d,
+    *,
+    training: bool,
+    min_examples: int = 2,
+    min_values: int = 16,
+) -> Tensor:
+    """Select per (example, channel) between two conv outputs and normalise each branch (Eq. 5).
+
+    Args:
+        xf: Output of the fine-tuned filters F, shape (B, C, H, W).
+        xs: Output of the pretrained filters S, same shape.
+        g: Policy, (B, C) with values in {0, 1} (1 = fine-tuned); may carry gradient.
+        bn_f: BN of the F branch (affine parameters receive gradients).
+        bn_s: BN of the S branch.
+        training: Use masked batch statistics and update running statistics.
+        min_examples: Minimum examples for a branch to use batch statistics on a channel.
+        min_values: Minimum values (examples x H x W) for the same.
+
+    Returns:
+        The normalised, selected output, shape (B, C, H, W).
+    """
+    if xf.shape != xs.shape or xf.dim() != 4:
+        raise ValueError(f"xf and xs must be equal (B, C, H, W) tensors, got {xf.shape}, {xs.shape}")
+    g = g.to(xf.dtype)
+    mask = g.detach()
+    sf = _branch_stats(xf.detach(), mask, bn_f, training, min_examples, min_values)
+    ss = _branch_stats(xs.detach(), 1.0 - mask, bn_s, training, min_examples, min_values)
+    wf = bn_f.weight if bn_f.weight is not None else torch.ones_like(sf.mean)
+    bf = bn_f.bias if bn_f.bias is not None else torch.zeros_like(sf.mean)
+    ws = bn_s.weight if bn_s.weight is not None else torch.ones_like(ss.mean)
+    bs = bn_s.bias if bn_s.bias is not None else torch.zeros_like(ss.mean)
+    return _GatedBNFunction.apply(xf, xs, g, wf, bf, ws, bs, sf, ss)

@@ -1,0 +1,228 @@
+"""A conv layer with a frozen pretrained copy S and a trainable copy F, and its BN (Eqs. 1, 5).
+
+The module replaces a ``Conv2d`` that is directly followed by a ``BatchNorm2d``; the BN moves
+inside (the model's own BN slot becomes ``nn.Identity``), because selection and normalisation
+are one operation here.
+
+The policy is not stored on the module: during a forward pass of the owning model a
+*policy source* is active in a context variable (see :func:`policy_source`), and each layer asks
+it for its decisions with its fixed index. Nothing of a forward pass outlives it.
+
+Inference (eval mode, gradients off) runs a single-conv path: each BN is an affine map, so it is
+folded into its filters once (cached until the parameters change), and every output filter is
+computed once per example -- at batch 1 with a per-filter merged weight, at larger batches by
+computing only the filters some example uses and gathering each example's channels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .gated_bn import gated_batch_norm
+
+
+class PolicySource(Protocol):
+    """What a gated layer asks for its decisions during a forward pass."""
+
+    def policy(self, index: int, x: Tensor) -> Tensor:
+        """Return the (B, C_out) policy of gated layer ``index`` given its input ``x``.
+
+        Values are 0./1. floats (1 = fine-tuned filter); they may carry gradient.
+        """
+        ...
+
+
+_SOURCE: ContextVar[PolicySource | None] = ContextVar("adafilter_policy_source", default=None)
+
+
+@contextlib.contextmanager
+def policy_source(source: PolicySource) -> Iterator[None]:
+    """Make ``source`` answer the gated layers' policy requests inside the ``with`` block."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BN as ``y = x * scale + shift`` (C,) each."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+class GatedConv2dBN(nn.Module):
+    """Gated conv + (gated) BN: ``y = G * BN_F(F(x)) + (1 - G) * BN_S(S(x))``.
+
+    Args:
+        conv: The pretrained conv; it becomes the frozen copy S (``conv_s``).
+        bn: The BN that directly follows ``conv``; it becomes ``bn_s`` and a copy ``bn_f``.
+        index: This layer's position in the gate's execution order.
+        gated_bn: ``False`` keeps one standard BN after the selection (Table 3 ablation).
+        bn_min_examples: See :func:`adafilter.layers.gated_bn.gated_batch_norm`.
+        bn_min_values: See :func:`adafilter.layers.gated_bn.gated_batch_norm`.
+        fast_eval: Use the single-conv inference path in eval mode without gradients.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        bn: nn.BatchNorm2d,
+        *,
+        index: int,
+        gated_bn: bool = True,
+        bn_min_examples: int = 2,
+        bn_min_values: int = 16,
+        fast_eval: bool = True,
+    ) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"only zero-padded convs can be gated, got {conv.padding_mode!r}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError("the BN after a gated conv must have one feature per filter")
+        self.index = index
+        self.gated_bn = gated_bn
+        self.bn_min_examples = bn_min_examples
+        self.bn_min_values = bn_min_values
+        self.fast_eval = fast_eval
+        self.conv_s = conv  # frozen pretrained filters S (the original module)
+        self.conv_f = copy.deepcopy(conv)  # trainable filters F, same initial weights
+        if gated_bn:
+            self.bn_s = bn
+            self.bn_f = copy.deepcopy(bn)
+        else:
+            self.bn = bn
+        self._fold_key: tuple | None = None
+        self._fold: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._merged: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv_s.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv_s.out_channels
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        c = self.conv_s
+        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        source = _SOURCE.get()
+        if source is None:
+            raise RuntimeError(
+                "a gated layer ran outside an AdaFilterModel forward; call the wrapping model"
+            )
+        g = source.policy(self.index, x)  # (B, C_out) in {0, 1}
+        if not self.training and self.fast_eval and not torch.is_grad_enabled():
+            return self._forward_fast(x, g > 0.5)
+        xf = self._conv(x, self.conv_f.weight, self.conv_f.bias)  # (B, C, H', W')
+        xs = self._conv(x, self.conv_s.weight, self.conv_s.bias)  # (B, C, H', W')
+        if self.gated_bn:
+            return gated_batch_norm(
+                xf, xs, g, self.bn_f, self.bn_s, training=self.training,
+                min_examples=self.bn_min_examples, min_values=self.bn_min_values,
+            )
+        gate = g.to(xf.dtype)[:, :, None, None]  # (B, C, 1, 1)
+        return self.bn(xs + gate * (xf - xs))  # Eq. 1, then one standard BN
+
+    # ---- inference path ------------------------------------------------------------------
+
+    def _folded(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """BN folded into each branch's filters: (w_f, b_f, w_s, b_s), cached."""
+        bn_f = self.bn_f if self.gated_bn else self.bn
+        bn_s = self.bn_s if self.gated_bn else self.bn
+        tensors = [self.conv_f.weight, self.conv_s.weight, self.conv_f.bias, self.conv_s.bias]
+        for bn in (bn_f, bn_s):
+            tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        key = tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+        if self._fold is None or key != self._fold_key:
+            with torch.no_grad():
+                folded = []
+                for conv, bn in ((self.conv_f, bn_f), (self.conv_s, bn_s)):
+                    scale, shift = _bn_affine(bn)
+                    w = conv.weight * scale.view(-1, 1, 1, 1)
+                    b = shift if conv.bias is None else conv.bias * scale + shift
+                    folded += [w.contiguous(), b.contiguous()]
+            self._fold = (folded[0], folded[1], folded[2], folded[3])
+            self._fold_key = key
+            self._merged = None
+        return self._fold
+
+    def _forward_fast(self, x: Tensor, sel: Tensor) -> Tensor:
+        """Eval: every output filter computed once per example (``sel`` (B, C) bool)."""
+        w_f, b_f, w_s, b_s = self._folded()
+        if x.shape[0] == 1:
+            return self._conv(x, *self._merge(sel[0], w_f, b_f, w_s, b_s))
+        need_f = sel.any(0)  # (C,) filters some example takes from F
+        need_s = ~sel.all(0)  # (C,) ... from S
+        if not need_s.any():
+            return self._conv(x, w_f, b_f)
+        if not need_f.any():
+            return self._conv(x, w_s, b_s)
+        if self.conv_s.groups > 1:
+            # A filter subset of a grouped conv would need its input channels regathered too;
+            # grouped (depthwise) convs are cheap, so compute both and select.
+            return torch.where(sel[:, :, None, None], self._conv(x, w_f, b_f),
+                               self._conv(x, w_s, b_s))
+        idx_f = need_f.nonzero().squeeze(1)
+        idx_s = need_s.nonzero().squeeze(1)
+        n_f = idx_f.numel()
+        out = self._conv(  # (B, n_f + n_s, H', W'): only the filters the batch uses
+            x,
+            torch.cat([w_f.index_select(0, idx_f), w_s.index_select(0, idx_s)]),
+            torch.cat([b_f.index_select(0, idx_f), b_s.index_select(0, idx_s)]),
+        )
+        pos_f = torch.cumsum(need_f, 0) - 1  # (C,) position of filter c among the F filters
+        pos_s = torch.cumsum(need_s, 0) - 1 + n_f
+        index = torch.where(sel, pos_f, pos_s)  # (B, C) channel of `out` each example uses
+        b, _, h, w = out.shape
+        return out.gather(1, index[:, :, None, None].expand(b, -1, h, w))  # (B, C, H', W')
+
+    def _merge(
+        self, sel: Tensor, w_f: Tensor, b_f: Tensor, w_s: Tensor, b_s: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One example's filters, updated in place from the previous example's.
+
+        Consecutive inputs share most decisions, so only the filters whose decision changed are
+        copied (a full merge reads both weight tensors: at batch 1 that costs as much memory
+        traffic as the conv itself in the late layers).
+        """
+        if self._merged is None:
+            w = torch.where(sel.view(-1, 1, 1, 1), w_f, w_s)
+            b = torch.where(sel, b_f, b_s)
+            self._merged = (sel.clone(), w, b)
+            return w, b
+        prev, w, b = self._merged
+        changed = (sel != prev).nonzero().squeeze(1)
+        if changed.numel():
+            take_f = sel.index_select(0, changed)
+            w.index_copy_(0, changed, torch.where(
+                take_f.view(-1, 1, 1, 1), w_f.index_select(0, changed), w_s.index_select(0, changed)
+            ))
+            b.index_copy_(0, changed, torch.where(
+                take_f, b_f.index_select(0, changed), b_s.index_select(0, changed)
+            ))
+            prev.copy_(sel)
+        return w, b
+
+    def train(self, mode: bool = True) -> GatedConv2dBN:
+        self._merged = None
+        return super().train(mode)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, gated_bn={self.gated_bn}, fast_eval={self.fast_eval}"

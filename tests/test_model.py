@@ -1,0 +1,339 @@
+"""AdaFilterModel on real torchvision architectures and a depthwise network (CPU, tiny inputs)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from adafilter import AdaFilterConfig, AdaFilterModel, GatedConv2dBN, binarize, wrap
+
+
+class DepthwiseNet(nn.Module):
+    """EfficientNet/MobileNet-style: stem, inverted residual blocks (expand, depthwise, project)."""
+
+    def __init__(self, num_classes: int = 7) -> None:
+        super().__init__()
+
+        def cbr(cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
+                nn.BatchNorm2d(cout), nn.ReLU6(inplace=True),
+            )
+
+        self.stem = cbr(3, 16, 3, 2)
+        self.block1 = nn.Sequential(cbr(16, 16, 3, 1, groups=16),
+                                    nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.block2 = nn.Sequential(cbr(8, 32), cbr(32, 32, 3, 2, groups=32),
+                                    nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Conv2d(16, 32, 1)  # conv with bias and no BN: not gated
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(self.head(x).mean((2, 3)))
+
+
+def _perturb_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics/affine, as a pretrained network has."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                c = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+                m.weight.copy_(0.5 + 0.5 * torch.rand(c, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(c, generator=gen))
+    return model
+
+
+BUILDERS: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 20),
+    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), 53),
+    "depthwise": (lambda: DepthwiseNet(), 6),
+}
+
+
+def _build(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _perturb_bn(BUILDERS[name][0](), seed)
+
+
+@pytest.mark.parametrize("gated_bn", [True, False])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_wrapped_equals_original_at_init_in_every_mode(name, gated_bn):
+    base = _build(name)
+    ref = copy.deepcopy(base).eval()
+    model = wrap(base, AdaFilterConfig(gated_bn=gated_bn)).eval()
+    assert len(model.gated_layer_names) == BUILDERS[name][1]
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        want = ref(x)
+    scale = want.abs().max()
+    for mode in ("learned", "random", "finetuned", "pretrained"):
+        model.set_policy_mode(mode, seed=1)
+        for fast in (True, False):
+            with torch.set_grad_enabled(not fast):  # fast path runs without gradients
+                got = model(x).detach()
+            assert (got - want).abs().max() <= 1e-5 * scale, (mode, fast)
+        for layer_name, pol in model.policies.items():
+            assert pol.dtype == torch.bool and pol.shape[0] == 3
+            assert pol.shape[1] == model.gated_layers()[layer_name].out_channels
+
+
+def test_finds_pairs_and_respects_target_and_exclude_patterns():
+    model = wrap(_build("resnet18"), AdaFilterConfig(
+        target_modules=[r"layer[34]\..*"], exclude_modules=[r".*downsample.*"]
+    ))
+    names = model.gated_layer_names
+    assert names[0] == "layer3.0.conv1" and "layer4.1.conv2" in names
+    assert not any("downsample" in n or n.startswith(("layer1", "layer2")) for n in names)
+    assert isinstance(model.model.layer3[0].bn1, nn.Identity)
+    assert isinstance(model.model.bn1, nn.BatchNorm2d)  # untouched stem
+    dw = wrap(_build("depthwise"))
+    groups = [layer.conv_s.groups for layer in dw.gated_layers().values()]
+    assert 16 in groups and 32 in groups  # depthwise convs are gated too
+    assert isinstance(dw.model.head, nn.Conv2d)  # conv without BN stays plain
+
+
+def _train_steps(model: AdaFilterModel, steps: int, *, lr: float = 0.01, seed: int = 0,
+                 batch: int = 8, size: int = 32, classes: int = 10) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.param_groups(lr=lr, gate_lr=10 * lr), momentum=0.9)
+    model.train()
+    losses = []
+    for step in range(steps):
+        model.set_policy_mode("random" if step % 2 else "learned", seed=step)
+        x = torch.randn(batch, 3, size, size, generator=gen)
+        y = torch.randint(0, classes, (batch,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    model.set_policy_mode("learned")
+    return losses
+
+
+@pytest.mark.parametrize("cfg", [
+    AdaFilterConfig(),
+    AdaFilterConfig(gated_bn=False),
+    AdaFilterConfig(ste="sigmoid", gate_bias_init=0.5),
+])
+@pytest.mark.parametrize("name", ["resnet18", "depthwise"])
+def test_training_freezes_S_and_reaches_every_trainable_parameter(name, cfg):
+    model = wrap(_build(name), cfg)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".conv_s." in n for n in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".conv_s." not in n)
+    seen = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.param_groups(lr=0.01, gate_lr=0.1), momentum=0.9)
+    model.train()
+    for step in range(4):
+        model.set_policy_mode("random" if step % 2 else "learned", seed=step)
+        x = torch.randn(8, 3, 32, 32, generator=gen)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 7, (8,), generator=gen))
+        opt.zero_grad()
+        loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:  # the gate is unused (no grad) in random-policy steps
+                seen[n] += p.grad.abs()
+        opt.step()
+    no_grad = [n for n, s in seen.items() if not (s > 0).any()]
+    assert not no_grad, no_grad
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n  # S bit-identical
+    assert any(not torch.equal(layer.conv_f.weight, layer.conv_s.weight)
+               for layer in model.gated_layers().values())
+
+
+@pytest.mark.parametrize("ste", ["identity", "sigmoid"])
+def test_straight_through_estimator(ste):
+    logits = torch.tensor([[-2.0, -0.1, 0.0, 0.3, 5.0]], requires_grad=True)
+    out = binarize(logits, ste)
+    assert out.tolist() == [[0.0, 0.0, 1.0, 1.0, 1.0]]  # sigmoid >= 0.5
+    upstream = torch.tensor([[0.5, -1.0, 2.0, 3.0, -4.0]])
+    out.backward(upstream)
+    want = upstream.clone()
+    if ste == "sigmoid":
+        s = torch.sigmoid(logits.detach())
+        want = upstream * s * (1 - s)
+    assert torch.equal(logits.grad, want)
+
+
+def test_gate_logits_receive_gradient_of_binary_policy():
+    """In the model, the head's logits get exactly dL/dG (paper STE)."""
+    model = wrap(_build("depthwise")).train()
+    captured: dict[str, torch.Tensor] = {}
+    head = model.gate.heads[2]
+
+    def keep(mod, args, out):
+        out.retain_grad()
+        captured["logits"] = out
+
+    h = head.register_forward_hook(keep)
+    from adafilter.layers import gate as gate_mod
+
+    seen: dict[str, torch.Tensor] = {}
+    orig = gate_mod.binarize
+
+    def spy(logits, ste="identity"):
+        g = orig(logits, ste)
+        if logits is captured.get("logits"):
+            g.retain_grad()
+            seen["g"] = g
+        return g
+
+    import adafilter.model as model_mod
+
+    model_mod.binarize = spy
+    try:
+        out = model(torch.randn(4, 3, 32, 32))
+        out.square().sum().backward()
+    finally:
+        model_mod.binarize = orig
+        h.remove()
+    assert torch.equal(captured["logits"].grad, seen["g"].grad)
+    assert seen["g"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gated_bn", [True, False])
+@pytest.mark.parametrize("name", ["resnet18", "depthwise"])
+def test_fast_eval_path_equals_dual_path_after_training(name, gated_bn):
+    model = wrap(_build(name), AdaFilterConfig(gated_bn=gated_bn))
+    _train_steps(model, 3, lr=0.05, classes=7)
+    model.eval()
+    gen = torch.Generator().manual_seed(9)
+    for mode in ("learned", "random"):
+        model.set_policy_mode(mode, seed=3)
+        for batch in (1, 1, 1, 8):  # consecutive batch-1 calls reuse the merged filters
+            x = torch.randn(batch, 3, 32, 32, generator=gen)
+            model.set_policy_mode(mode, seed=4)
+            dual = model(x).detach()
+            pol_dual = model.policies
+            model.set_policy_mode(mode, seed=4)
+            with torch.no_grad():
+                fast = model(x)
+            for k, v in model.policies.items():
+                assert torch.equal(v, pol_dual[k])
+            scale = dual.abs().max()
+            assert (fast - dual).abs().max() <= 1e-4 * scale, (mode, batch)
+    # the policies after training are mixed: both F and S filters are in use
+    fractions = torch.cat([p.float().flatten() for p in model.policies.values()])
+    assert 0 < fractions.mean() < 1
+
+
+def test_learned_eval_is_deterministic_and_random_mode_is_seeded():
+    model = wrap(_build("depthwise")).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a = model(x)
+        pa = dict(model.policies)
+        b = model(x)
+    assert torch.equal(a, b)
+    assert all(torch.equal(pa[k], v) for k, v in model.policies.items())
+    model.set_policy_mode("random", p=0.3, seed=5)
+    with torch.no_grad():
+        model(x)
+    r1 = torch.cat([p.flatten() for p in model.policies.values()])
+    model.set_policy_mode("random", p=0.3, seed=5)
+    with torch.no_grad():
+        model(x)
+    r2 = torch.cat([p.flatten() for p in model.policies.values()])
+    assert torch.equal(r1, r2)
+    assert 0.2 < r1.float().mean() < 0.4
+    for mode, value in (("finetuned", True), ("pretrained", False)):
+        model.set_policy_mode(mode)
+        with torch.no_grad():
+            model(x)
+        assert all(bool((p == value).all()) for p in model.policies.values())
+    with pytest.raises(ValueError, match="policy mode"):
+        model.set_policy_mode("sometimes")
+
+
+def test_cnn_gate_trains_and_predicts_all_layers():
+    feats = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten())
+    model = wrap(_build("depthwise"), AdaFilterConfig(gate="cnn"), gate_network=(feats, 8))
+    model.train()
+    out = model(torch.randn(4, 3, 32, 32))
+    out.sum().backward()
+    assert set(model.policies) == set(model.gated_layer_names)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.gate.parameters())
+
+
+def test_param_groups_and_counts():
+    model = wrap(_build("depthwise"))
+    groups = model.param_groups(lr=0.01, gate_lr=0.1, weight_decay=1e-4)
+    assert [g["name"] for g in groups] == ["network", "gate"]
+    assert [g["lr"] for g in groups] == [0.01, 0.1]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(ids) == trainable
+    counts = model.parameter_counts()
+    assert counts["total"] == counts["trainable"] + counts["frozen"]
+
+
+def test_resnet50_parameter_ratio(capsys):
+    """The paper: AdaFilter has 2.2x the parameters of ResNet-50 (printed for the README)."""
+    torch.manual_seed(0)
+    plain = sum(p.numel() for p in torchvision.models.resnet50().parameters())
+    model = wrap(torchvision.models.resnet50())
+    counts = model.parameter_counts()
+    ratio = counts["total"] / plain
+    with capsys.disabled():
+        print(f"\n[param-ratio] resnet50 plain={plain:,} adafilter={counts['total']:,} "
+              f"(gate {counts['gate']:,}) ratio={ratio:.2f}x")
+    assert 1.9 < ratio < 2.6
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_three_sgd_steps_stay_finite_and_on_scale(name):
+    """Issue's stability check: perturbed BN stats, lr 0.01, momentum 0.9, batch 8, 64 px."""
+    base = _build(name, seed=1)
+    plain = copy.deepcopy(base)
+    model = wrap(base)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 64, 64, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+            for _ in range(3)]
+    opt = torch.optim.SGD(model.param_groups(lr=0.01, gate_lr=0.1), momentum=0.9)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+    model.train(), plain.train()
+    for step, (x, y) in enumerate(data):
+        model.set_policy_mode("random" if step == 1 else "learned", seed=step)
+        for m, o in ((model, opt), (plain, opt_plain)):
+            loss = nn.functional.cross_entropy(m(x), y)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+    model.eval(), plain.eval()
+    model.set_policy_mode("learned")
+    x = torch.randn(8, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        out, ref = model(x), plain(x)
+    assert torch.isfinite(out).all()
+    ratio = out.abs().mean() / ref.abs().mean()
+    assert 0.1 < ratio < 10, float(ratio)
+
+
+def test_gated_layer_outside_model_forward_raises():
+    layer = GatedConv2dBN(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), index=0)
+    with pytest.raises(RuntimeError, match="outside an AdaFilterModel"):
+        layer(torch.randn(1, 3, 8, 8))
+
+
+def test_bad_config_values_raise_value_error():
+    with pytest.raises(ValueError, match="gate"):
+        AdaFilterConfig(gate="transformer")
+    with pytest.raises(ValueError, match="random_p"):
+        AdaFilterConfig(random_p=2.0)
+    with pytest.raises(ValueError, match="no Conv2d"):
+        wrap(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
