@@ -31,7 +31,7 @@ def _reference(xf, xs, g, bn_f, bn_s, training, min_examples, min_values):
     """Loop over channels; ``F.batch_norm`` on the examples routed to each branch."""
     b, c, h, w = xf.shape
     y = torch.empty_like(xf)
-    for branch, x, bn, sel in ((0, xf, bn_f, g > 0.5), (1, xs, bn_s, g <= 0.5)):
+    for x, bn, sel in ((xf, bn_f, g > 0.5), (xs, bn_s, g <= 0.5)):
         for ch in range(c):
             rows = sel[:, ch].nonzero().squeeze(1)
             if rows.numel() == 0:
@@ -109,7 +109,7 @@ def test_gradients_match_autograd_reference(case):
     refs = torch.autograd.grad(
         y_ref, [xf, xs, ref_f.weight, ref_f.bias, ref_s.weight, ref_s.bias], dy
     )
-    for got, want in zip(grads, refs):
+    for got, want in zip(grads, refs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 

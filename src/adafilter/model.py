@@ -104,7 +104,7 @@ class _Runtime:
             g = (draw < owner.random_p).to(device=x.device, dtype=x.dtype)
         else:
             g = x.new_full((b, c), 1.0 if mode == "finetuned" else 0.0)
-        self.decisions[index] = g
+        self.decisions[index] = g.detach()  # no graph kept alive past the forward
         return g
 
 
@@ -165,14 +165,16 @@ class AdaFilterModel(nn.Module):
         self.policy_mode = "learned"
         self.random_p = config.random_p
         self._generator = torch.Generator().manual_seed(0)
-        self.policies: dict[str, Tensor] = {}
+        self._decisions: dict[int, Tensor] = {}
         mark_trainable(self)
 
     def gated_layers(self) -> dict[str, GatedConv2dBN]:
         """The gated layers by conv name, in execution order."""
         return {n: self.model.get_submodule(n) for n in self.gated_layer_names}  # type: ignore[misc]
 
-    def set_policy_mode(self, mode: str, *, p: float | None = None, seed: int | None = None) -> None:
+    def set_policy_mode(
+        self, mode: str, *, p: float | None = None, seed: int | None = None
+    ) -> None:
         """Choose where policies come from.
 
         Args:
@@ -196,10 +198,13 @@ class AdaFilterModel(nn.Module):
         runtime = _Runtime(self, x)
         with policy_source(runtime):
             out = self.model(x)  # (B, num_classes)
-        self.policies = {
-            self.gated_layer_names[i]: g.detach() > 0.5 for i, g in runtime.decisions.items()
-        }
+        self._decisions = runtime.decisions
         return out
+
+    @property
+    def policies(self) -> dict[str, Tensor]:
+        """The last forward's decisions: ``{conv name: bool (B, C_out)}``, True = F."""
+        return {self.gated_layer_names[i]: g > 0.5 for i, g in self._decisions.items()}
 
     def param_groups(
         self, *, lr: float = 0.01, gate_lr: float = 0.1, weight_decay: float = 0.0

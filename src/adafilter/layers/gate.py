@@ -44,6 +44,8 @@ def binarize(logits: Tensor, ste: str = "identity") -> Tensor:
     """
     if ste not in ("identity", "sigmoid"):
         raise ValueError(f"ste must be 'identity' or 'sigmoid', got {ste!r}")
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return (logits >= 0).to(logits.dtype)  # inference: skip the autograd.Function
     return _StraightThrough.apply(logits, ste == "sigmoid")
 
 

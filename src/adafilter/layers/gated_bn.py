@@ -173,7 +173,7 @@ def gated_batch_norm(
         The normalised, selected output, shape (B, C, H, W).
     """
     if xf.shape != xs.shape or xf.dim() != 4:
-        raise ValueError(f"xf and xs must be equal (B, C, H, W) tensors, got {xf.shape}, {xs.shape}")
+        raise ValueError(f"xf, xs must be equal (B, C, H, W) tensors, got {xf.shape}, {xs.shape}")
     g = g.to(xf.dtype)
     mask = g.detach()
     sf = _branch_stats(xf.detach(), mask, bn_f, training, min_examples, min_values)

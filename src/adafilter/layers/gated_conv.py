@@ -189,9 +189,12 @@ class GatedConv2dBN(nn.Module):
         )
         pos_f = torch.cumsum(need_f, 0) - 1  # (C,) position of filter c among the F filters
         pos_s = torch.cumsum(need_s, 0) - 1 + n_f
-        index = torch.where(sel, pos_f, pos_s)  # (B, C) channel of `out` each example uses
-        b, _, h, w = out.shape
-        return out.gather(1, index[:, :, None, None].expand(b, -1, h, w))  # (B, C, H', W')
+        b, n, h, w = out.shape
+        # row of `out` (viewed as (B * n, H'W')) that example b uses for channel c
+        rows = torch.where(sel, pos_f, pos_s) + n * torch.arange(b, device=x.device)[:, None]
+        # index_select of whole rows is several times faster than gather on dim 1
+        y = out.view(b * n, h * w).index_select(0, rows.flatten())
+        return y.view(b, -1, h, w)  # (B, C, H', W')
 
     def _merge(
         self, sel: Tensor, w_f: Tensor, b_f: Tensor, w_s: Tensor, b_s: Tensor
@@ -208,6 +211,8 @@ class GatedConv2dBN(nn.Module):
             self._merged = (sel.clone(), w, b)
             return w, b
         prev, w, b = self._merged
+        if torch.equal(sel, prev):  # one cheap check in the common no-change case
+            return w, b
         changed = (sel != prev).nonzero().squeeze(1)
         if changed.numel():
             take_f = sel.index_select(0, changed)

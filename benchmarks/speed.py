@@ -1,0 +1,255 @@
+"""Speed and memory of AdaFilter against plain fine-tuning, measured side by side.
+
+Prints one JSON object (and writes it to benchmarks/results/speed.json unless --no-save):
+training-step time ratio, peak training memory ratio (RSS on CPU, max_memory_allocated on
+GPU), eval latency at batch 1 (fast path, and the naive dual path for reference) and eval time
+at batch 32 (trained-like and random policies). Repetitions are interleaved and medians
+reported, so machine load affects both sides alike.
+
+    python benchmarks/speed.py                       # ResNet-50 @224 and ResNet-18 @64
+    python benchmarks/speed.py --quick               # small sizes, a smoke run
+    python benchmarks/speed.py --checkpoint RUN/checkpoint.pt   # policies of a trained model
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from adafilter import AdaFilterConfig, AdaFilterModel, wrap
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.device,
+                 warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each fn, repetitions interleaved (a, b, a, b, ...)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _build(arch: str, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=100)
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():  # pretrained-like BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+    return model.to(device)
+
+
+def _train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    if isinstance(model, AdaFilterModel):
+        groups = model.param_groups(lr=0.01, gate_lr=0.1)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+    model.train()
+
+    def step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_train(arch: str, res: int, batch: int, reps: int, device: torch.device) -> dict:
+    plain = _build(arch, device)
+    ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, res, res, generator=gen).to(device)
+    y = torch.randint(0, 100, (batch,), generator=gen).to(device)
+    med = _interleaved({"finetune": _train_step_fn(plain, x, y),
+                        "adafilter": _train_step_fn(ada, x, y)}, reps, device)
+    return {"arch": arch, "resolution": res, "batch": batch, "median_s": med,
+            "ratio": med["adafilter"] / med["finetune"]}
+
+
+def _memory_child(arch: str, res: int, batch: int, method: str, device: str) -> None:
+    """Run in a fresh process: a few training steps; print peak memory in bytes."""
+    import resource
+
+    dev = torch.device(device)
+    model = _build(arch, dev)
+    if method == "adafilter":
+        model = wrap(model, example_input=torch.zeros(1, 3, res, res, device=dev))
+    x = torch.randn(batch, 3, res, res, device=dev)
+    y = torch.randint(0, 100, (batch,), device=dev)
+    step = _train_step_fn(model, x, y)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        step()
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def bench_memory(arch: str, res: int, batch: int, device: torch.device) -> dict:
+    out = {}
+    for method in ("finetune", "adafilter"):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", arch, str(res), str(batch), method,
+             str(device)],
+            capture_output=True, text=True, check=True,
+        )
+        out[method] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    kind = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+    return {"arch": arch, "resolution": res, "batch": batch, "measure": kind,
+            "peak_bytes": out, "ratio": out["adafilter"] / out["finetune"]}
+
+
+def _policy_stats(model: AdaFilterModel) -> dict:
+    """Fraction of filters the last batch needed from F and from S (any example)."""
+    need_f = need_s = total = 0
+    for pol in model.policies.values():
+        need_f += int(pol.any(0).sum())
+        need_s += int((~pol).any(0).sum())
+        total += pol.shape[1]
+    return {"needed_from_F": need_f / total, "needed_from_S": need_s / total,
+            "computed_vs_plain": (need_f + need_s) / total}
+
+
+def bench_eval(arch: str, res: int, batch: int, reps: int, device: torch.device,
+               checkpoint: str | None, policy: str) -> dict:
+    plain = _build(arch, device).eval()
+    ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
+    ada.eval()
+    if checkpoint:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        ada.load_state_dict(state.get("model", state))
+    elif policy == "trained-like":
+        _make_trained_like(ada)
+    ada.set_policy_mode("random" if policy == "random" else "learned", seed=0)
+    dual = copy.deepcopy(ada)
+    for layer in dual.gated_layers().values():
+        layer.fast_eval = False
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(batch, 3, res, res, generator=gen).to(device) for _ in range(4)]
+    i = {"n": 0}
+
+    def runner(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(xs[i["n"] % len(xs)])
+        return run
+
+    def nxt() -> None:  # a new example every repetition, as in streaming inference
+        i["n"] += 1
+
+    fns = {"plain": runner(plain), "fast": runner(ada), "dual": runner(dual)}
+    med = _interleaved({**fns, "_next": nxt}, reps, device)
+    med.pop("_next")
+    with torch.no_grad():
+        ada(xs[0])
+    return {"arch": arch, "resolution": res, "batch": batch, "policy": policy,
+            "median_s": med, "fast_vs_plain": med["fast"] / med["plain"],
+            "dual_vs_plain": med["dual"] / med["plain"], **_policy_stats(ada)}
+
+
+def _make_trained_like(model: AdaFilterModel) -> None:
+    """Without a checkpoint: give each head a per-filter bias so most filters have a fixed
+    choice and ~20% depend on the input, roughly what trained gates show (see README)."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for head in model.gate.heads:
+            c = head.bias.numel()
+            r = torch.rand(c, generator=gen)
+            bias = torch.where(r < 0.4, 20.0, -20.0)
+            bias[r > 0.8] = 0.0
+            head.bias.copy_(bias)
+            head.weight.mul_(4.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--checkpoint", default=None, help="AdaFilter ResNet-50 state for policies")
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--only", default="train,memory,eval1,eval32")
+    ap.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        a, r, b, m, d = args.memory_child
+        _memory_child(a, int(r), int(b), m, d)
+        return
+    device = torch.device(args.device)
+    only = set(args.only.split(","))
+    big = ("resnet18", 64) if args.quick else ("resnet50", 224)
+    reps = args.reps or (3 if args.quick else 7)
+    result: dict = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+        "cpu": _cpu_model(), "quick": args.quick,
+    }
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    if "train" in only:
+        result["train"] = [bench_train(*big, 8 if device.type == "cpu" else 64, reps, device),
+                           bench_train("resnet18", 64, 32, reps, device)]
+    if "memory" in only:
+        result["memory"] = [bench_memory(*big, 8 if device.type == "cpu" else 64, device),
+                            bench_memory("resnet18", 64, 32, device)]
+    if "eval1" in only:
+        result["eval_batch1"] = bench_eval(*big, 1, reps * 3, device, args.checkpoint,
+                                           "trained-like")
+    if "eval32" in only:
+        result["eval_batch32"] = [
+            bench_eval(*big, 32, reps, device, args.checkpoint, p)
+            for p in (("checkpoint",) if args.checkpoint else ("trained-like",)) + ("random",)
+        ]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        name = "speed-quick.json" if args.quick else f"speed-{device.type}.json"
+        tmp = RESULTS / (name + ".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, RESULTS / name)
+
+
+if __name__ == "__main__":
+    main()
