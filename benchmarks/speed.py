@@ -29,7 +29,7 @@ import torch
 import torchvision
 from torch import nn
 
-from adafilter import AdaFilterConfig, AdaFilterModel, wrap
+from adafilter import AdaFilterModel, wrap
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

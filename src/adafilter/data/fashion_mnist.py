@@ -1,0 +1,121 @@
+"""Fashion-MNIST from its IDX files (plain or .gz).
+
+Accepted layouts: the four ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` files directly
+in the root (what the Debian package ``dataset-fashion-mnist`` installs under
+``/usr/share/datasets/fashion-mnist``), or torchvision's ``root/FashionMNIST/raw/``. torchvision's
+IDX reader cannot read the .gz files in place, so a small numpy reader is used instead.
+60000 / 10000 / 10 classes; the demo uses ``subset_per_class`` for a small balanced subset.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+from torchvision.datasets import FashionMNIST
+
+from ..errors import DataError
+from .base import ArraySource, ImageList
+from .download import Resource
+from .registry import DatasetSpec, register
+
+DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "eval": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_MIRROR = FashionMNIST.mirrors[0]
+# md5s as published by torchvision.datasets.FashionMNIST; kept gzipped (read in place).
+RESOURCES = tuple(
+    Resource(f"{_MIRROR}{fname}", fname, md5=md5, subdir="FashionMNIST/raw")
+    for fname, md5 in FashionMNIST.resources
+)
+_FIX = (
+    "install the Debian package dataset-fashion-mnist (scripts/fetch-fashion-mnist.sh), "
+    "or pass --download"
+)
+
+
+def default_root() -> Path | None:
+    """The Debian package's folder when it is installed."""
+    return DEBIAN_ROOT if DEBIAN_ROOT.is_dir() else None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an unsigned-byte IDX file (optionally gzipped) into a numpy array.
+
+    Raises:
+        DataError: The file is not a uint8 IDX file or is truncated.
+    """
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+        if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+            raise ValueError("bad magic number (expected unsigned-byte IDX)")
+        ndim = data[3]
+        shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        return arr[: int(np.prod(shape))].reshape(shape)
+    except (OSError, EOFError, ValueError) as exc:
+        raise DataError(
+            f"{path} is not a readable IDX file ({exc}); delete it and fetch it again"
+        ) from None
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem, f"{stem}.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def raw_dir(root: Path) -> Path:
+    """The folder holding the IDX files: ``root``, ``root/FashionMNIST/raw`` or ``root/raw``."""
+    for cand in (root, root / "FashionMNIST" / "raw", root / "raw"):
+        if _find(cand, FILES["train"][0]) is not None:
+            return cand
+    raise DataError(f"no Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz]) in {root}; {_FIX}")
+
+
+def load(root: Path, seed: int) -> tuple[ImageList, ImageList]:
+    """Read Fashion-MNIST train (60000) and test (10000) from ``root``."""
+    del seed
+    folder = raw_dir(root)
+    out = []
+    for split, (img_stem, lab_stem) in FILES.items():
+        paths = [_find(folder, img_stem), _find(folder, lab_stem)]
+        if None in paths:
+            missing = img_stem if paths[0] is None else lab_stem
+            raise DataError(f"missing {missing}[.gz] in {folder}; {_FIX}")
+        images, labels = read_idx(paths[0]), read_idx(paths[1])  # type: ignore[arg-type]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{paths[0]} and {paths[1]} do not match; fetch them again")
+        source = ArraySource(images, name=f"fashion-mnist/{split}")
+        out.append(
+            ImageList(
+                source, [(i, int(t)) for i, t in enumerate(labels)], list(FashionMNIST.classes)
+            )
+        )
+    return out[0], out[1]
+
+
+def _present(root: Path) -> bool:
+    try:
+        raw_dir(root)
+    except DataError:
+        return False
+    return True
+
+
+SPEC = register(
+    DatasetSpec(
+        name="fashion-mnist",
+        load=load,
+        layout="{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (or FashionMNIST/raw/)",
+        resources=RESOURCES,
+        default_root=default_root,
+        is_present=_present,
+    )
+)

@@ -1,0 +1,342 @@
+"""Tests for adafilter.backbones: registry, builders, weights loading and pretrained predictions."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import threading
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from adafilter import backbones
+from adafilter.backbones import (
+    BackboneInfo,
+    backbone_names,
+    build_backbone,
+    build_feature_extractor,
+    load_state_dict_file,
+    pretrained_weights_path,
+)
+from adafilter.errors import AdaFilterError, CheckpointError
+
+EXPECTED = {
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "cifar-resnet20",
+    "cifar-resnet32",
+    "cifar-resnet44",
+    "cifar-resnet56",
+    "efficientnet-lite0",
+}
+
+
+def _normalise(x: torch.Tensor, info: BackboneInfo) -> torch.Tensor:
+    mean = torch.tensor(info.mean).view(1, 3, 1, 1)
+    std = torch.tensor(info.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 255.0
+
+
+def _assert_one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
+    msg = str(exc.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def _require(name: str) -> Path:
+    path = pretrained_weights_path(name)
+    if path is None:
+        pytest.skip(f"pretrained weights for {name} are not available here")
+    return path
+
+
+# --------------------------------------------------------------------------- registry/builders
+
+
+def test_backbone_names_lists_every_backbone() -> None:
+    assert set(backbone_names()) == EXPECTED
+    assert backbone_names() == sorted(backbone_names())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_backbone_builds_and_replaces_head(name: str) -> None:
+    model, info = build_backbone(name, num_classes=5)
+    assert info.name == name and info.source == "random init"
+    assert info.default_resolution == (32 if name.startswith("cifar") else 224)
+    assert len(info.mean) == len(info.std) == 3
+    head = model.get_submodule(info.head_name)
+    assert isinstance(head, nn.Linear)
+    assert (head.in_features, head.out_features) == (info.feature_dim, 5)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5)
+
+
+def test_efficientnet_every_conv_is_followed_by_batchnorm() -> None:
+    model, _ = build_backbone("efficientnet-lite0", num_classes=5)
+    modules = dict(model.named_modules())
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 16 * 3 - 1 + 1  # stem, 16 blocks (block 0 has no expand), head
+    for name in convs:
+        parent, _, attr = name.rpartition(".")
+        bn_attr = {"_conv_stem": "_bn0", "_conv_head": "_bn1", "_expand_conv": "_bn0"}.get(
+            attr, {"_depthwise_conv": "_bn1", "_project_conv": "_bn2"}.get(attr)
+        )
+        bn = modules[f"{parent}.{bn_attr}" if parent else bn_attr]
+        assert isinstance(bn, nn.BatchNorm2d)
+        assert bn.num_features == modules[name].out_channels
+        assert (bn.eps, bn.momentum) == (1e-3, 0.01)
+
+
+def test_unknown_backbone_lists_valid_names() -> None:
+    with pytest.raises(AdaFilterError) as exc:
+        build_backbone("resnet19", num_classes=5)
+    assert "resnet18" in _assert_one_line(exc)
+
+
+def test_bad_arguments_raise_value_error() -> None:
+    with pytest.raises(ValueError):
+        build_backbone("cifar-resnet20", num_classes=0)
+    with pytest.raises(ValueError):
+        build_backbone("cifar-resnet20", num_classes=5, keep_head=True)
+    with pytest.raises(ValueError):
+        build_backbone("cifar-resnet20", num_classes=5, weights=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        build_backbone("cifar-resnet20", 5)  # type: ignore[misc]
+
+
+def test_feature_extractor_returns_pooled_features() -> None:
+    model, dim = build_feature_extractor()  # default gate network: resnet18
+    assert dim == 512
+    assert isinstance(model.get_submodule("fc"), nn.Identity)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    small, dim = build_feature_extractor("cifar-resnet20")
+    assert dim == 64 and small(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+
+
+# --------------------------------------------------------------------------- pretrained models
+
+
+def _cifar_samples() -> tuple[torch.Tensor, torch.Tensor]:
+    spec = importlib.util.find_spec("foolbox")  # locate, never import (foolbox is heavy)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(f for loc in locations for f in Path(loc, "data").glob("cifar10_*.png"))
+    if not files:
+        pytest.skip("foolbox's CIFAR-10 sample images are not installed")
+    images = torch.stack([_to_tensor(Image.open(f)) for f in files])
+    labels = torch.tensor([int(re.search(r"_(\d+)\.png$", f.name).group(1)) for f in files])
+    return images, labels
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56])
+def test_cifar_resnet_classifies_real_cifar10_images(depth: int) -> None:
+    name = f"cifar-resnet{depth}"
+    _require(name)
+    images, labels = _cifar_samples()
+    model, info = build_backbone(name, num_classes=10, weights="pretrained", keep_head=True)
+    model.eval()
+    with torch.no_grad():
+        pred = model(_normalise(images, info)).argmax(1)
+    accuracy = (pred == labels).float().mean().item()
+    assert accuracy >= 0.8, f"{name}: {accuracy:.0%} of {len(labels)} samples correct"
+
+
+def test_pretrained_body_is_loaded_and_head_is_fresh() -> None:
+    path = _require("cifar-resnet20")
+    stored = load_state_dict_file(path)
+    model, info = build_backbone("cifar-resnet20", num_classes=5, weights="pretrained")
+    assert str(path) in info.source
+    assert torch.equal(model.state_dict()["layer3.2.conv2.weight"], stored["layer3.2.conv2.weight"])
+    assert model.get_submodule("linear").out_features == 5
+    with pytest.raises(AdaFilterError) as exc:  # stored head has 10 outputs
+        build_backbone("cifar-resnet20", num_classes=5, weights="pretrained", keep_head=True)
+    assert "num_classes=10" in _assert_one_line(exc)
+    with pytest.raises(AdaFilterError) as exc:  # CIFAR weights are not ImageNet weights
+        build_backbone("cifar-resnet20", num_classes=5, weights="imagenet")
+    _assert_one_line(exc)
+
+
+def test_efficientnet_lite0_predicts_chelsea_and_coffee() -> None:
+    """Preprocessing: whole image resized to 224x224 (bilinear), then (x*255 - 127) / 128.
+
+    With this the model is confident (cat 0.79, espresso 0.90); shorter-side-256 + 224 centre
+    crop puts "tiger cat" (282) a hair above "Egyptian cat" (285) on chelsea.
+    """
+    skimage_data = pytest.importorskip("skimage.data")
+    _require("efficientnet-lite0")
+    model, info = build_backbone(
+        "efficientnet-lite0", num_classes=1000, weights="pretrained", keep_head=True
+    )
+    images = [Image.fromarray(skimage_data.chelsea()), Image.fromarray(skimage_data.coffee())]
+    size = (info.default_resolution,) * 2
+    x = torch.stack([_to_tensor(img.resize(size, Image.BILINEAR)) for img in images])
+    model.eval()
+    with torch.no_grad():
+        pred = model(_normalise(x, info)).argmax(1).tolist()
+    assert pred == [285, 967]  # Egyptian cat, espresso
+
+
+# --------------------------------------------------------------------------- bad weights files
+
+
+@pytest.fixture
+def cifar20_state(tmp_path: Path) -> dict[str, torch.Tensor]:
+    model, _ = build_backbone("cifar-resnet20", num_classes=10)
+    return model.state_dict()
+
+
+def test_weights_file_of_another_architecture(
+    tmp_path: Path, cifar20_state: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path / "cifar20.pth"
+    torch.save(cifar20_state, path)
+    with pytest.raises(CheckpointError) as exc:
+        build_backbone("resnet18", num_classes=5, weights=path)
+    msg = _assert_one_line(exc)
+    assert "cifar-resnet20" in msg and str(path) in msg
+
+
+def test_weights_with_wrong_shapes_name_the_keys(
+    tmp_path: Path, cifar20_state: dict[str, torch.Tensor]
+) -> None:
+    cifar20_state["conv1.weight"] = torch.zeros(16, 3, 5, 5)
+    del cifar20_state["layer1.0.bn1.running_var"]
+    path = tmp_path / "broken.pth"
+    torch.save(cifar20_state, path)
+    with pytest.raises(CheckpointError) as exc:
+        build_backbone("cifar-resnet20", num_classes=5, weights=path)
+    msg = _assert_one_line(exc)
+    assert "conv1.weight" in msg and "layer1.0.bn1.running_var" in msg
+
+
+def test_wrapped_and_prefixed_state_dicts_load(
+    tmp_path: Path, cifar20_state: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path / "wrapped.pth"
+    prefixed = {f"module.{k}": v for k, v in cifar20_state.items()}
+    torch.save({"model": prefixed, "epoch": 3}, path)
+    model, info = build_backbone("cifar-resnet20", num_classes=10, weights=path, keep_head=True)
+    assert info.source == f"file {path}"
+    assert torch.equal(model.linear.weight, cifar20_state["linear.weight"])
+
+
+def test_missing_garbage_and_non_state_dict_files(tmp_path: Path) -> None:
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x02definitely not a checkpoint" * 10)
+    (tmp_path / "text.pth").write_text("hello\n")
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pth")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pth")  # a whole pickled module
+    expected = {
+        "missing.pth": "does not exist",
+        "garbage.pth": "not a PyTorch weights file",
+        "text.pth": "not a PyTorch weights file",
+        "meta.pth": "not a state_dict",
+        "list.pth": "not a state_dict",
+        "module.pth": "torch.nn.modules.linear.Linear",
+    }
+    for name, fragment in expected.items():
+        path = tmp_path / name
+        with pytest.raises(CheckpointError) as exc:
+            build_backbone("cifar-resnet20", num_classes=5, weights=path)
+        msg = _assert_one_line(exc)
+        assert str(path) in msg and fragment in msg, msg
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_loading_never_runs_pickled_code(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "x": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError) as exc:
+        load_state_dict_file(path)
+    _assert_one_line(exc)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- ImageNet download
+
+
+@pytest.fixture
+def empty_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return tmp_path / "hub" / "checkpoints"
+
+
+def test_download_fails_fast_when_dns_hangs(
+    empty_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+
+    def hanging_connect(*args: object, **kwargs: object) -> None:
+        release.wait(10)  # an offline resolver that never answers
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(backbones, "DOWNLOAD_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(backbones.socket, "create_connection", hanging_connect)
+    start = time.monotonic()
+    try:
+        with pytest.raises(CheckpointError) as exc:
+            build_backbone("resnet18", num_classes=5, weights="imagenet")
+    finally:
+        release.set()
+    assert time.monotonic() - start < 5
+    msg = _assert_one_line(exc)
+    assert "--weights FILE" in msg and "resnet18-" in msg
+
+
+def test_download_error_becomes_one_line_checkpoint_error(
+    empty_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(backbones, "_probe_host", lambda *a: None)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(CheckpointError) as exc:
+        build_backbone("resnet18", num_classes=5, weights="pretrained")
+    assert "--weights FILE" in _assert_one_line(exc)
+    assert not empty_hub.exists() or not any(empty_hub.iterdir())
+
+
+def test_imagenet_weights_from_hub_cache_need_no_network(
+    empty_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in resnet18 state_dict under torchvision's own file name in the hub cache.
+    reference, _ = build_backbone("resnet18", num_classes=1000)
+    empty_hub.mkdir(parents=True)
+    torch.save(reference.state_dict(), empty_hub / "resnet18-f37072fd.pth")
+
+    def no_network(*args: object) -> None:
+        raise AssertionError("must not touch the network when the file is cached")
+
+    monkeypatch.setattr(backbones, "_probe_host", no_network)
+    assert pretrained_weights_path("resnet18") == empty_hub / "resnet18-f37072fd.pth"
+    model, info = build_backbone("resnet18", num_classes=5, weights="imagenet")
+    assert "IMAGENET1K_V1" in info.source
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert model.fc.out_features == 5

@@ -1,0 +1,130 @@
+"""Transforms, the corrupt-image wrapper and the dataset objects' plumbing."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from adafilter.data import (
+    DatasetInfo,
+    UnreadableImageWarning,
+    build_datasets,
+    build_transforms,
+)
+from adafilter.data.base import ZipSource
+from adafilter.errors import DataError
+
+
+def _write(path: Path, img: Image.Image | None = None, raw: bytes | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        (img or Image.new("RGB", (8, 8), "red")).save(path)
+
+
+def _tree(root: Path, broken: tuple[str, ...] = ()) -> Path:
+    """imagefolder root: 2 classes x 3 images per split; ``broken`` names unreadable files."""
+    for split in ("train", "val"):
+        for label, c in enumerate(("a", "b")):
+            for k in range(3):
+                name = f"{split}/{c}/{k}.png"
+                color = (label * 200, k * 50, 0)
+                raw = b"garbage" if name in broken else None
+                _write(root / name, Image.new("RGB", (8, 8), color), raw)
+    return root
+
+
+@pytest.mark.parametrize("resolution", [32, 224])
+@pytest.mark.parametrize("mode", ["1", "L", "RGB", "RGBA", "P"])
+def test_transforms_shape_and_channels(resolution: int, mode: str) -> None:
+    img = Image.new(mode, (12, 9))
+    for train in (True, False):
+        x = build_transforms(train, resolution=resolution)(img)
+        assert x.dtype == torch.float32 and tuple(x.shape) == (3, resolution, resolution)
+
+
+def test_eval_transform_normalises_with_given_stats() -> None:
+    img = Image.new("L", (40, 40), 255)
+    x = build_transforms(False, resolution=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))(img)
+    assert torch.allclose(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25
+    pickle.dumps(build_transforms(True, resolution=8))  # spawn-safe: no lambdas
+
+
+def test_build_datasets_contract(tmp_path: Path) -> None:
+    train, ev, info = build_datasets(
+        "imagefolder", _tree(tmp_path), resolution=16, mean=(0, 0, 0), std=(1, 1, 1)
+    )
+    assert info == DatasetInfo("imagefolder", 2, ["a", "b"], 6, 6)
+    x, y = ev[3]
+    assert isinstance(y, int) and y == 1 and tuple(x.shape) == (3, 16, 16)
+    assert ev.targets == [0, 0, 0, 1, 1, 1] and len(train) == 6
+    assert x.min() >= 0 and x.max() <= 1  # mean 0 / std 1 keeps ToTensor's range
+
+
+def test_corrupt_image_is_skipped_with_one_warning(tmp_path: Path) -> None:
+    root = _tree(tmp_path, broken=("val/a/1.png", "val/b/0.png"))
+    _, ev, _ = build_datasets("imagefolder", root, resolution=8)
+    with pytest.warns(UnreadableImageWarning) as record:
+        items = [ev[i] for i in range(len(ev))]
+        items += [ev[i] for i in range(len(ev))]  # second epoch: known-bad, no new warning
+    assert len(record) == 1 and "1.png" in str(record[0].message)
+    # Substitution rule: the next readable sample in index order, with its own label.
+    assert [y for _, y in items[:6]] == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(items[1][0], items[2][0]) and torch.equal(items[3][0], items[4][0])
+    assert ev.num_skipped == 2
+    with pytest.warns(UnreadableImageWarning, match="skipped 2 unreadable"):
+        assert ev.report_skipped() == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ev.report_skipped() == 0
+
+
+def test_strict_images_raise(tmp_path: Path) -> None:
+    root = _tree(tmp_path, broken=("train/b/2.png",))
+    train, _, _ = build_datasets("imagefolder", root, resolution=8, strict_images=True)
+    train[0]
+    with pytest.raises(DataError) as exc:
+        train[5]
+    assert "unreadable image" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_all_unreadable_is_a_clear_error(tmp_path: Path) -> None:
+    root = _tree(tmp_path, broken=tuple(f"val/{c}/{k}.png" for c in "ab" for k in range(3)))
+    _, ev, _ = build_datasets("imagefolder", root, resolution=8)
+    with pytest.warns(UnreadableImageWarning), pytest.raises(DataError, match="no readable"):
+        ev[0]
+
+
+def test_dataloader_workers_and_pickling(tmp_path: Path) -> None:
+    root = _tree(tmp_path, broken=("train/a/0.png",))
+    train, _, _ = build_datasets("imagefolder", root, resolution=8)
+    loader = DataLoader(train, batch_size=3, num_workers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning is emitted inside the worker
+        batches = list(loader)
+    assert sum(len(y) for _, y in batches) == 6 and batches[0][0].shape == (3, 3, 8, 8)
+    assert train.num_skipped == 1  # counted in the worker, visible in the parent
+    clone = copy.deepcopy(train)  # plain pickling keeps a snapshot of the count
+    assert clone.num_skipped == 1 and len(clone) == 6
+
+
+def test_zip_source_reopens_after_pickling(tmp_path: Path) -> None:
+    z = tmp_path / "a.zip"
+    buf = io.BytesIO()
+    Image.new("L", (5, 5)).save(buf, "PNG")
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("x/y.png", buf.getvalue())
+    src = ZipSource(z)
+    assert src.open("x/y.png").size == (5, 5)
+    clone = pickle.loads(pickle.dumps(src))  # open handle is not pickled
+    assert clone.open("x/y.png").size == (5, 5)
