@@ -193,7 +193,7 @@ class GatedConv2dBN(nn.Module):
         # row of `out` (viewed as (B * n, H'W')) that example b uses for channel c
         rows = torch.where(sel, pos_f, pos_s) + n * torch.arange(b, device=x.device)[:, None]
         # index_select of whole rows is several times faster than gather on dim 1
-        y = out.view(b * n, h * w).index_select(0, rows.flatten())
+        y = out.contiguous().view(b * n, h * w).index_select(0, rows.flatten())  # NCHW rows
         return y.view(b, -1, h, w)  # (B, C, H', W')
 
     def _merge(

@@ -1,0 +1,8 @@
+"""``python -m adafilter ...`` (also what ``torchrun -m adafilter train ...`` runs)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

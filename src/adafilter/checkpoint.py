@@ -1,0 +1,178 @@
+"""Atomic result files and safe (``weights_only``) training checkpoints.
+
+Every file a run writes goes through :func:`atomic_write_bytes`: the data is written to a
+temporary file in the same directory, fsynced, then ``os.replace``-d over the target, so a
+``kill -9`` at any moment leaves either the old file or the new one, never a torn one.
+
+Checkpoints hold only tensors, dicts, lists, numbers, strings, bools and ``None`` so that
+``torch.load(..., weights_only=True)`` can read them: loading never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+CHECKPOINT_FORMAT = "adafilter-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``).
+
+    Args:
+        path: Destination file; its directory must exist.
+        data: The complete file content.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress_oserror():
+            os.unlink(tmp)
+        raise
+    # fsync the directory so the rename itself survives a power loss (best effort).
+    with _suppress_oserror():
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class _suppress_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as JSON lines to ``path`` atomically (the whole file is rewritten)."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---- RNG state ------------------------------------------------------------------------------
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states as weights-only-loadable objects."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {
+            "kind": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states saved by :func:`get_rng_state` (CUDA only if the device count fits)."""
+    py = state["python"]
+    random.setstate((int(py[0]), tuple(int(v) for v in py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
+    """Serialise ``payload`` (plus format tags) and write it to ``path`` atomically.
+
+    Args:
+        path: Destination, typically ``<out>/checkpoint.pt``.
+        payload: Only tensors, containers, numbers, strings, bools and ``None``.
+    """
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load an adafilter checkpoint with ``weights_only=True`` on the CPU.
+
+    Args:
+        path: A file written by :func:`save_checkpoint`.
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        CheckpointError: The file is missing, unreadable, not weights-only or not ours.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or pickled code refused by weights_only
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} safely (weights_only): {first}"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not an adafilter training checkpoint "
+            "(expected the checkpoint.pt written by `adafilter train`)"
+        )
+    if int(obj.get("version", 0)) > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format version {obj.get('version')}; "
+            f"this adafilter reads up to {CHECKPOINT_VERSION}"
+        )
+    return obj
+
+
+def scheduler_state(scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict[str, Any]:
+    """The scheduler's state without ``MultiStepLR.milestones`` (a ``Counter``, which
+    ``weights_only`` refuses); the rebuilt scheduler keeps its own milestones on load."""
+    state = dict(scheduler.state_dict())
+    state.pop("milestones", None)
+    return state

@@ -1,0 +1,325 @@
+"""Command line: ``adafilter train | eval | data check | report`` (the only module that sees argv).
+
+Adding a subcommand is one function plus one registration line::
+
+    def _demo_args(p: argparse.ArgumentParser) -> None: ...
+
+    @subcommand("demo", "run the demo", _demo_args)
+    def cmd_demo(args: argparse.Namespace) -> int: ...
+
+User errors (:class:`~adafilter.errors.AdaFilterError`, bad flags) are printed as one line
+``adafilter: error: <message>`` on stderr with exit status 2, never a traceback.
+
+Extra registrations (custom backbones, datasets, methods) can be loaded with the environment
+variable ``ADAFILTER_PLUGINS=module[,module...]``: each module is imported before parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .errors import AdaFilterError
+
+PLUGINS_ENV = "ADAFILTER_PLUGINS"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``adafilter: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see `{self.prog} --help`)")
+
+
+def _print_error(message: str) -> None:
+    one_line = " ".join(str(message).split())
+    print(f"adafilter: error: {one_line}", file=sys.stderr, flush=True)
+
+
+def _fail(message: str) -> NoReturn:
+    _print_error(message)
+    raise SystemExit(2)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A registered subcommand: help text, argument setup and handler."""
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register the decorated ``run(args) -> exit code`` as ``adafilter NAME``."""
+
+    def deco(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        SUBCOMMANDS[name] = Subcommand(help=help, configure=configure or (lambda p: None), run=run)
+        return run
+
+    return deco
+
+
+# ---- train ----------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    from .train_config import parse_int_list
+
+    try:
+        return parse_int_list(text, "--milestones")
+    except AdaFilterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from .methods import METHODS
+
+    s = argparse.SUPPRESS  # absent flags stay absent, so the config file's values survive
+    p.add_argument("--config", default=None, help="TOML or YAML file of options (flags win)")
+    p.add_argument(
+        "--method", default=s, help=f"one of: {', '.join(METHODS.names())} (default adafilter)"
+    )
+    p.add_argument("--dataset", default=s, help="dataset name (see adafilter.data.DATASETS)")
+    p.add_argument("--data-root", default=s, help="dataset directory")
+    p.add_argument("--backbone", default=s, help="backbone name (default resnet50)")
+    p.add_argument(
+        "--weights",
+        default=s,
+        help="backbone weights: 'pretrained' or a state_dict file (default: random)",
+    )
+    p.add_argument("--out", default=s, help="output directory of the run")
+    p.add_argument("--epochs", type=int, default=s, help="total epochs (default 110)")
+    p.add_argument("--batch-size", type=int, default=s, help="global batch size (default 64)")
+    p.add_argument("--resolution", type=int, default=s, help="input size (default: backbone's)")
+    p.add_argument("--seed", type=int, default=s, help="random seed (default 0)")
+    p.add_argument("--lr", type=float, default=s, help="network learning rate (default 0.01)")
+    p.add_argument("--gate-lr", type=float, default=s, help="gate learning rate (default 0.1)")
+    p.add_argument("--momentum", type=float, default=s, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=s, help="weight decay (default 5e-4)")
+    p.add_argument(
+        "--milestones",
+        type=_int_list,
+        default=s,
+        help="lr x gamma after these epochs (default 30,60,90)",
+    )
+    p.add_argument("--gamma", type=float, default=s, help="lr decay factor (default 0.1)")
+    p.add_argument("--workers", type=int, default=s, help="DataLoader workers (default 4)")
+    p.add_argument("--device", default=s, help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--amp", default=s, help="off, bf16 or fp16 (CUDA only; default off)")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="channels-last memory format",
+    )
+    p.add_argument(
+        "--subset-per-class",
+        type=int,
+        default=s,
+        help="keep at most K images per class (quick runs)",
+    )
+    p.add_argument("--gate-backbone", default=s, help="cnn-gate network (default resnet18)")
+    p.add_argument("--gate-weights", default=s, help="cnn-gate weights ('pretrained' or file)")
+    p.add_argument("--l2sp-alpha", type=float, default=s, help="L2-SP alpha (default 0.01)")
+    p.add_argument("--l2sp-beta", type=float, default=s, help="L2-SP beta (default 0.01)")
+    p.add_argument("--random-p", type=float, default=s, help="random-policy p (default 0.5)")
+    p.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="download the dataset if missing",
+    )
+    p.add_argument(
+        "--quiet",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="print only warnings and errors",
+    )
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="continue from OUT/checkpoint.pt if it exists",
+    )
+
+
+def train_config_from_args(args: argparse.Namespace) -> Any:
+    """Defaults < ``--config`` file < flags -> :class:`~adafilter.train_config.TrainConfig`."""
+    from .train_config import TrainConfig, load_config_file
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(load_config_file(args.config))
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    values.update(flags)
+    missing = [k for k in ("dataset", "out") if not values.get(k)]
+    if missing:
+        raise AdaFilterError(
+            "missing "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in missing)
+            + " (give it as a flag or in --config)"
+        )
+    try:
+        return TrainConfig.from_dict(values, source="options")
+    except TypeError as e:
+        raise AdaFilterError(f"invalid option value: {e}") from None
+
+
+@subcommand("train", "train a model with a fine-tuning method", _train_args)
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import fit
+
+    config = train_config_from_args(args)
+    _setup_logging(quiet=config.quiet)
+    summary = fit(config)
+    return 0 if summary.get("completed") else 1
+
+
+# ---- eval -----------------------------------------------------------------------------------
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a run's checkpoint.pt")
+    p.add_argument("--data-root", default=None, help="dataset directory (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+
+
+@subcommand("eval", "evaluate a run's checkpoint; prints one JSON line", _eval_args)
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine import evaluate_checkpoint
+
+    _setup_logging(quiet=True)
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        data_root=args.data_root,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# ---- data check -----------------------------------------------------------------------------
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", metavar="{check}", parser_class=_Parser)
+    sub.required = True
+    c = sub.add_parser("check", help="validate a data root; prints one JSON line")
+    c.add_argument("--dataset", required=True, help="dataset name")
+    c.add_argument("--data-root", required=True, help="dataset directory")
+    c.add_argument("--seed", type=int, default=0, help="seed of random splits")
+
+
+@subcommand("data", "dataset utilities (check)", _data_args)
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import check_data_root
+
+    print(json.dumps(check_data_root(args.dataset, args.data_root, seed=args.seed)), flush=True)
+    return 0
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or parents)")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--title", default="AdaFilter report", help="report heading")
+
+
+@subcommand("report", "Markdown/HTML report of training runs", _report_args)
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    result = make_report(list(args.runs), args.out, title=args.title)
+    print(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str), flush=True)
+    return 0
+
+
+# ---- entry point ----------------------------------------------------------------------------
+
+
+def _setup_logging(*, quiet: bool) -> None:
+    """Log lines (``adafilter`` logger) to stderr; only warnings and errors when quiet.
+
+    Under torchrun only rank 0 logs at INFO level.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    logger = logging.getLogger("adafilter")
+    logger.setLevel(logging.WARNING if quiet or rank != 0 else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.propagate = False
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at emit time (survives stream redirection)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+            sys.stderr.flush()
+        except Exception:  # never let logging break a run
+            self.handleError(record)
+
+
+def _load_plugins() -> None:
+    for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            raise AdaFilterError(
+                f"cannot import plugin {name!r} from ${PLUGINS_ENV}: {e}"
+            ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``adafilter`` argument parser with every registered subcommand."""
+    from . import __version__
+
+    parser = _Parser(prog="adafilter", description="AdaFilter (Guo et al., AAAI 2020)")
+    parser.add_argument("--version", action="version", version=f"adafilter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, cmd in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        p.set_defaults(func=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (errors: 2, one line on stderr)."""
+    try:
+        _load_plugins()
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except SystemExit as e:  # argparse: --help, --version and one-line usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except AdaFilterError as e:
+        _print_error(str(e))
+        return 2
+    except KeyboardInterrupt:
+        print("adafilter: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""``TrainConfig``: every option of a training run, with the paper's recipe as defaults.
+
+Precedence: dataclass defaults < config file (``--config``, TOML or YAML) < CLI flags. The
+effective configuration is saved with every run (``config.json``, ``summary.json`` and the
+checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import AdaFilterError
+
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """A training run (defaults: the paper's Implementation Details).
+
+    Attributes:
+        method: A name in :data:`adafilter.methods.METHODS`.
+        dataset: A name in :data:`adafilter.data.DATASETS`.
+        data_root: The dataset's directory.
+        backbone: A name in :data:`adafilter.backbones.BACKBONES`.
+        out: Output directory of the run.
+        weights: Backbone weights: ``None`` (random init), ``"pretrained"`` or a file.
+        epochs: Total epochs (paper: 110).
+        batch_size: Global batch size, split across DDP ranks (paper: 64).
+        resolution: Input size; ``None`` uses the backbone's default.
+        seed: Seeds model init, shuffling (per epoch) and random policies.
+        lr: Network learning rate (paper: 0.01).
+        gate_lr: Gate learning rate (paper: 0.1); unused by methods without a trained gate.
+        momentum: SGD momentum for both groups (paper: 0.9).
+        weight_decay: L2 weight decay of SGD. The paper does not state it; 5e-4 is our default.
+            L2-SP sets it to 0 for the parameters its penalty covers.
+        milestones: Epochs after which both learning rates are multiplied by ``gamma``
+            (paper: 30, 60, 90): epoch 31 runs at 0.1x, epoch 61 at 0.01x, epoch 91 at 0.001x.
+        gamma: Decay factor (0.1).
+        workers: DataLoader worker processes per rank.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp: ``"off"``, ``"bf16"`` or ``"fp16"`` autocast on CUDA (fp16 adds a GradScaler);
+            ignored with a warning on CPU.
+        channels_last: Use the channels-last memory format for model and inputs.
+        subset_per_class: Keep at most this many training images per class (quick runs).
+        gate_backbone: Feature extractor of the ``cnn-gate`` method.
+        gate_weights: Its weights (``None``, ``"pretrained"`` or a file).
+        l2sp_alpha: L2-SP weight of ``||w - w0||^2`` over the pretrained parameters.
+        l2sp_beta: L2-SP weight of ``||w||^2`` over the new head.
+        random_p: Probability of the fine-tuned filter for ``random-policy``.
+        adafilter: Overrides of :class:`adafilter.AdaFilterConfig` fields (e.g. ``embed_dim``).
+        download: Let the dataset builder download missing data.
+        quiet: Print nothing but warnings and errors.
+        resume: Continue from ``<out>/checkpoint.pt`` if it exists.
+    """
+
+    method: str = "adafilter"
+    dataset: str = ""
+    data_root: str = ""
+    backbone: str = "resnet50"
+    out: str = ""
+    weights: str | None = None
+    epochs: int = 110
+    batch_size: int = 64
+    resolution: int | None = None
+    seed: int = 0
+    lr: float = 0.01
+    gate_lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 90])
+    gamma: float = 0.1
+    workers: int = 4
+    device: str = "auto"
+    amp: str = "off"
+    channels_last: bool = False
+    subset_per_class: int | None = None
+    gate_backbone: str = "resnet18"
+    gate_weights: str | None = None
+    l2sp_alpha: float = 0.01
+    l2sp_beta: float = 0.01
+    random_p: float = 0.5
+    adafilter: dict[str, Any] = field(default_factory=dict)
+    download: bool = False
+    quiet: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.milestones, str):
+            self.milestones = parse_int_list(self.milestones, "milestones")
+        self.milestones = sorted(int(m) for m in self.milestones)
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise AdaFilterError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.workers < 0:
+            raise AdaFilterError(f"workers must be >= 0, got {self.workers!r}")
+        if self.resolution is not None and int(self.resolution) < 8:
+            raise AdaFilterError(f"resolution must be >= 8, got {self.resolution!r}")
+        if self.amp not in AMP_MODES:
+            raise AdaFilterError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if any(m < 1 for m in self.milestones):
+            raise AdaFilterError(f"milestones must be positive epochs, got {self.milestones}")
+        if not 0.0 <= self.random_p <= 1.0:
+            raise AdaFilterError(f"random_p must be in [0, 1], got {self.random_p!r}")
+        for name in ("lr", "gate_lr", "weight_decay", "l2sp_alpha", "l2sp_beta"):
+            if float(getattr(self, name)) < 0:
+                raise AdaFilterError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "configuration") -> TrainConfig:
+        """Build from a mapping, rejecting unknown keys (dashes are read as underscores)."""
+        return cls(**_normalise_keys(values, source))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _normalise_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    known = {f.name for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        k = str(key).replace("-", "_")
+        if k not in known:
+            raise AdaFilterError(
+                f"unknown option {key!r} in {source}; valid options: {', '.join(sorted(known))}"
+            )
+        out[k] = value
+    return out
+
+
+def parse_int_list(text: str, name: str) -> list[int]:
+    """Parse ``"30,60,90"`` (empty string: no milestones)."""
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise AdaFilterError(
+            f"{name} must be comma-separated integers like 30,60,90, got {text!r}"
+        ) from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file of :class:`TrainConfig` keys.
+
+    Args:
+        path: The file. A ``[train]`` table, if present, is used instead of the top level.
+
+    Returns:
+        The options with keys normalised to field names.
+
+    Raises:
+        AdaFilterError: Missing or unparsable file, unknown key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdaFilterError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise AdaFilterError(f"config file {str(path)!r} must end in .toml, .yaml or .yml")
+    except AdaFilterError:
+        raise
+    except Exception as e:
+        msg = " ".join(str(e).split())
+        raise AdaFilterError(f"cannot parse config file {str(path)!r}: {msg}") from None
+    if not isinstance(data, dict):
+        raise AdaFilterError(f"config file {str(path)!r} must hold a mapping of options")
+    if isinstance(data.get("train"), dict):
+        data = data["train"]
+    return _normalise_keys(data, f"config file {str(path)!r}")

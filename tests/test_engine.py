@@ -1,0 +1,406 @@
+"""Engine: schedule, every method end to end, files, checkpoints, kill -9 + resume, eval.
+
+Also hosts the tiny fixtures shared by test_methods/test_cli/test_distributed: a ~2.5k-parameter
+conv-BN backbone ``tiny-cnn`` registered by a plugin module (so subprocesses can load it via
+``ADAFILTER_PLUGINS``) and a generated 16 px ImageFolder tree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adafilter.checkpoint import get_rng_state, load_checkpoint, set_rng_state
+from adafilter.cli import main, train_config_from_args
+from adafilter.engine import build_scheduler, group_lr
+from adafilter.methods import METHODS
+
+PLUGIN_NAME = "adafilter_tiny_plugin"
+PLUGIN_SRC = '''
+from torch import nn
+
+from adafilter.backbones import BACKBONES, BackboneSpec
+
+
+class TinyCNN(nn.Module):
+    """conv-bn-relu x3 + pool + linear head "fc" (about 2.5k parameters)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn3(self.conv3(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _no_weights():
+    raise RuntimeError("tiny-cnn has no pretrained weights")
+
+
+def register():
+    if "tiny-cnn" not in BACKBONES:
+        BACKBONES.add("tiny-cnn", BackboneSpec(
+            name="tiny-cnn", factory=TinyCNN, head_name="fc", feature_dim=16,
+            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), default_resolution=16,
+            pretrained_dataset="imagenet", pretrained=_no_weights,
+        ))
+
+
+register()
+'''
+
+
+def make_imagefolder(root: Path, *, train: int = 4, val: int = 2, size: int = 16) -> Path:
+    """root/{train,val}/{cat,dog}/*.png; "dog" images have a bright left half."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train), ("val", val)):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = (rng.random((size, size, 3)) * 255).astype("uint8")
+                if c == "dog":
+                    arr[:, : size // 2] = 255
+                Image.fromarray(arr).save(d / f"{i}.png")
+    return root
+
+
+def install_plugin(directory: Path) -> dict[str, str]:
+    """Write and import the tiny-cnn plugin; return the env a subprocess needs for it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{PLUGIN_NAME}.py").write_text(PLUGIN_SRC)
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
+    importlib.import_module(PLUGIN_NAME).register()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [
+            str(directory),
+            str(Path(__file__).resolve().parents[1] / "src"),
+            env.get("PYTHONPATH", ""),
+        ]
+    )
+    env["ADAFILTER_PLUGINS"] = PLUGIN_NAME
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop(KILL_ENV, None)
+    return env
+
+
+def uninstall_plugin() -> None:
+    """Unregister tiny-cnn so other test modules see only the real backbones."""
+    from adafilter.backbones import BACKBONES
+
+    BACKBONES._items.pop("tiny-cnn", None)
+
+
+KILL_ENV = "ADAFILTER_TEST_KILL_AT"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    base = tmp_path_factory.mktemp("tiny")
+    env = install_plugin(base / "plugin")
+    data = make_imagefolder(base / "data")
+    yield {"env": env, "data": data}
+    uninstall_plugin()
+
+
+def train_args(data: Path, out: Path, method: str = "adafilter", *extra: str) -> list[str]:
+    return [
+        "train",
+        "--method",
+        method,
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(data),
+        "--backbone",
+        "tiny-cnn",
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--gate-backbone",
+        "tiny-cnn",
+        *extra,
+    ]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- schedule -------------------------------------------------------------------------------
+
+
+def test_schedule_decays_at_every_milestone_for_both_groups() -> None:
+    w1, w2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD(
+        [
+            {"name": "network", "params": [w1], "lr": 0.01},
+            {"name": "gate", "params": [w2], "lr": 0.1},
+        ],
+        lr=0.01,
+        momentum=0.9,
+    )
+    sched = build_scheduler(opt, milestones=[30, 60, 90], gamma=0.1)
+    seen = {}
+    for epoch in range(1, 111):
+        seen[epoch] = (group_lr(opt, "network"), group_lr(opt, "gate"))
+        opt.step()
+        sched.step()
+    for epoch, factor in (
+        (1, 1.0),
+        (30, 1.0),
+        (31, 0.1),
+        (60, 0.1),
+        (61, 0.01),
+        (90, 0.01),
+        (91, 0.001),
+        (110, 0.001),
+    ):
+        assert seen[epoch][0] == pytest.approx(0.01 * factor, rel=1e-9), epoch
+        assert seen[epoch][1] == pytest.approx(0.1 * factor, rel=1e-9), epoch
+    changes = [e for e in range(2, 111) if seen[e] != seen[e - 1]]
+    assert changes == [31, 61, 91]  # every decay happens, and only there
+
+
+def test_recorded_lrs_follow_milestones(tiny: dict, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rc = main(
+        train_args(
+            tiny["data"], out, "adafilter", "--epochs", "3", "--milestones", "1,2", "--quiet"
+        )
+    )
+    assert rc == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.001, 0.0001])
+    assert [r["gate_lr"] for r in rows] == pytest.approx([0.1, 0.01, 0.001])
+
+
+# ---- every method end to end ----------------------------------------------------------------
+
+METRIC_KEYS = {
+    "epoch",
+    "lr",
+    "gate_lr",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "seconds",
+    "images_per_second",
+}
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_trains_and_writes_all_files(tiny: dict, tmp_path: Path, method: str) -> None:
+    out = tmp_path / method
+    assert main(train_args(tiny["data"], out, method, "--epochs", "1", "--quiet")) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 1 and set(rows[0]) == METRIC_KEYS and rows[0]["epoch"] == 1
+    s = json.loads((out / "summary.json").read_text())
+    assert s["completed"] is True and s["method"] == method and s["epochs"] == 1
+    assert s["final_test_acc"] == rows[0]["test_acc"]
+    assert s["config"]["method"] == method
+    assert {"total", "trainable", "trainable_per_example"} <= set(s["params"])
+    assert json.loads((out / "config.json").read_text())["method"] == method
+    has_policy = METHODS.get(method).has_policies
+    assert (out / "policy.json").exists() == has_policy
+    if has_policy:
+        pol = json.loads((out / "policy.json").read_text())
+        assert pol["layers"] == ["conv1", "conv2", "conv3"]
+        assert pol["out_channels"] == [8, 8, 16]
+        assert all(0.0 <= f <= 1.0 for f in pol["overall"])
+        assert pol["per_class"]["class_names"] == ["cat", "dog"]
+        assert len(pol["per_class"]["fraction"]) == 2
+        assert 0 < s["params"]["trainable_per_example"] <= s["params"]["trainable"]
+    else:
+        assert s["params"]["trainable_per_example"] is None
+    assert (rows[0]["gate_lr"] is not None) == METHODS.get(method).trains_gate
+    # The checkpoint is weights-only loadable (no pickled code) and complete.
+    raw = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert raw["epoch"] == 1 and {
+        "model",
+        "optimizer",
+        "scheduler",
+        "rng",
+        "config",
+        "metrics",
+    } <= set(raw)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_finetune_half_summary_documents_frozen_layers(tiny: dict, tmp_path: Path) -> None:
+    out = tmp_path / "half"
+    assert main(train_args(tiny["data"], out, "finetune-half", "--epochs", "1", "--quiet")) == 0
+    info = json.loads((out / "summary.json").read_text())["method_info"]["finetune_half"]
+    assert info["num_convs"] == 3
+    assert info["frozen_convs"] == ["conv1"] and info["frozen_bns"] == ["bn1"]
+
+
+# ---- resume and eval ------------------------------------------------------------------------
+
+
+def _run(args: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "adafilter", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
+
+
+STABLE = ("epoch", "lr", "gate_lr", "train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tiny: dict, tmp_path: Path) -> None:
+    env = tiny["env"]
+    extra = ("--epochs", "3", "--milestones", "2", "--quiet")
+    full = tmp_path / "full"
+    assert _run(train_args(tiny["data"], full, "adafilter", *extra), env).returncode == 0
+
+    cut = tmp_path / "cut"
+    killed = _run(
+        train_args(tiny["data"], cut, "adafilter", *extra), {**env, KILL_ENV: "2:1"}
+    )  # SIGKILL after step 1 of epoch 2 (of 2)
+    assert killed.returncode == -9
+    assert load_checkpoint(cut / "checkpoint.pt")["epoch"] == 1
+    assert json.loads((cut / "summary.json").read_text())["completed"] is False
+
+    resumed = _run(train_args(tiny["data"], cut, "adafilter", *extra, "--resume"), env)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(cut / "metrics.jsonl")
+    assert [[r[k] for k in STABLE] for r in a] == [[r[k] for k in STABLE] for r in b]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, cut))
+    assert sb["completed"] is True and sb["final_test_acc"] == sa["final_test_acc"]
+    assert json.loads((full / "policy.json").read_text()) == json.loads(
+        (cut / "policy.json").read_text()
+    )
+    fa = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
+    fb = torch.load(cut / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+    ev = _run(["eval", "--checkpoint", str(cut / "checkpoint.pt"), "--device", "cpu"], env)
+    assert ev.returncode == 0, ev.stderr
+    lines = ev.stdout.strip().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0])["test_acc"] == b[-1]["test_acc"]
+
+
+@pytest.mark.parametrize("method", ["random-policy", "l2sp"])
+def test_eval_reproduces_recorded_accuracy(
+    tiny: dict, tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / method
+    assert main(train_args(tiny["data"], out, method, "--epochs", "1", "--quiet")) == 0
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--device",
+                "cpu",
+                "--data-root",
+                str(tiny["data"]),
+            ]
+        )
+        == 0
+    )
+    res = json.loads(capsys.readouterr().out.strip())
+    assert res["test_acc"] == read_jsonl(out / "metrics.jsonl")[-1]["test_acc"]
+    assert res["images"] == 4
+
+
+def test_resume_of_finished_run_is_a_noop(tiny: dict, tmp_path: Path) -> None:
+    out = tmp_path / "done"
+    args = train_args(tiny["data"], out, "adafilter", "--epochs", "1", "--quiet")
+    assert main(args) == 0
+    before = (out / "metrics.jsonl").read_text()
+    assert main([*args, "--resume"]) == 0
+    assert (out / "metrics.jsonl").read_text() == before
+    s = json.loads((out / "summary.json").read_text())
+    assert s["completed"] and s["params"]["trainable_per_example"] is not None
+
+
+# ---- configuration and checkpoint helpers ---------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml"])
+def test_config_file_then_flags_override(tmp_path: Path, suffix: str) -> None:
+    from adafilter.cli import build_parser
+
+    f = tmp_path / f"cfg{suffix}"
+    if suffix == ".toml":
+        f.write_text(
+            'method = "l2sp"\ndataset = "imagefolder"\nout = "o"\nepochs = 7\n'
+            "milestones = [2, 4]\nlr = 0.5\n[adafilter]\nembed_dim = 8\n"
+        )
+    else:
+        f.write_text(
+            "method: l2sp\ndataset: imagefolder\nout: o\nepochs: 7\n"
+            "milestones: [2, 4]\nlr: 0.5\nadafilter: {embed_dim: 8}\n"
+        )
+    args = build_parser().parse_args(["train", "--config", str(f), "--epochs", "9"])
+    cfg = train_config_from_args(args)
+    assert (cfg.method, cfg.epochs, cfg.lr, cfg.milestones) == ("l2sp", 9, 0.5, [2, 4])
+    assert cfg.adafilter == {"embed_dim": 8} and cfg.gate_lr == 0.1  # untouched default
+
+
+def test_rng_state_round_trip_is_weights_only(tmp_path: Path) -> None:
+    import random
+
+    state = get_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_amp_is_a_warned_noop_on_cpu(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "amp"
+    argv = train_args(tiny["data"], out, "adafilter", "--epochs", "1", "--amp", "fp16")
+    assert main([*argv, "--quiet"]) == 0
+    assert "--amp fp16 ignored on cpu" in capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["completed"] and s["config"]["amp"] == "fp16"
+
+
+@pytest.mark.parametrize("method", ["finetune", "adafilter"])
+def test_channels_last_runs(tiny: dict, tmp_path: Path, method: str) -> None:
+    out = tmp_path / method
+    argv = train_args(tiny["data"], out, method, "--epochs", "1", "--channels-last", "--quiet")
+    assert main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["channels_last"] is True
