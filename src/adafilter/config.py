@@ -31,6 +31,10 @@ class AdaFilterConfig:
             sigmoid's derivative.
         gate_bias_init: Initial bias of every policy head; positive values start the policy
             closer to "fine-tune everything". 0 gives a ~50/50 start.
+        gate_input_grad: Let the gate's gradient flow into the backbone activations it pools.
+            Off by default: with it on, the straight-through gradient fed back through 50+
+            layers grew without bound within 3 epochs (EfficientNet-Lite0 on Fashion-MNIST,
+            gate lr 0.1), see the README. The gate itself always trains.
         gated_bn: Two BNs selected by the policy (Eq. 5). ``False`` keeps one standard BN
             after the selection (the paper's Table 3 ablation).
         bn_min_examples: Gated BN uses a branch's batch statistics for channel ``c`` only if
@@ -52,6 +56,7 @@ class AdaFilterConfig:
     hidden_dim: int = 64
     ste: SteKind = "identity"
     gate_bias_init: float = 0.0
+    gate_input_grad: bool = False
     gated_bn: bool = True
     bn_min_examples: int = 2
     bn_min_values: int = 16

@@ -106,13 +106,24 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                 continue
             _say(config, f"[demo] training {method} -> {run_dir}")
             train_cfg = TrainConfig(
-                method=method, dataset=config.dataset, data_root=config.data_root or "",
-                backbone=config.backbone, weights=config.weights, out=str(run_dir),
-                epochs=config.epochs, milestones=list(config.milestones),
-                resolution=config.resolution, batch_size=config.batch_size,
-                subset_per_class=config.subset_per_class, seed=config.seed, lr=config.lr,
-                gate_lr=config.gate_lr, workers=config.workers, device=config.device,
-                quiet=config.quiet, resume=(run_dir / "checkpoint.pt").exists(),
+                method=method,
+                dataset=config.dataset,
+                data_root=config.data_root or "",
+                backbone=config.backbone,
+                weights=config.weights,
+                out=str(run_dir),
+                epochs=config.epochs,
+                milestones=list(config.milestones),
+                resolution=config.resolution,
+                batch_size=config.batch_size,
+                subset_per_class=config.subset_per_class,
+                seed=config.seed,
+                lr=config.lr,
+                gate_lr=config.gate_lr,
+                workers=config.workers,
+                device=config.device,
+                quiet=config.quiet,
+                resume=(run_dir / "checkpoint.pt").exists(),
             )
             runs[method] = fit(train_cfg)
             done.append(method)

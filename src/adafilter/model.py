@@ -156,6 +156,7 @@ class AdaFilterModel(nn.Module):
             self.gate = RecurrentGate(
                 in_ch, self.layer_out_channels, embed_dim=config.embed_dim,
                 hidden_dim=config.hidden_dim, bias_init=config.gate_bias_init,
+                detach_input=not config.gate_input_grad,
             )
         else:
             features, dim = gate_network if gate_network is not None else _default_cnn_gate()

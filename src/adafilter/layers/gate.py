@@ -62,6 +62,8 @@ class RecurrentGate(nn.Module):
         embed_dim: Embedding size fed to the LSTM.
         hidden_dim: LSTM hidden size.
         bias_init: Initial bias of the policy heads.
+        detach_input: Stop the gate's gradient at the pooled activations (see
+            ``AdaFilterConfig.gate_input_grad``).
     """
 
     def __init__(
@@ -72,8 +74,10 @@ class RecurrentGate(nn.Module):
         embed_dim: int = 64,
         hidden_dim: int = 64,
         bias_init: float = 0.0,
+        detach_input: bool = True,
     ) -> None:
         super().__init__()
+        self.detach_input = detach_input
         if len(in_channels) != len(out_channels):
             raise ValueError("in_channels and out_channels must have one entry per gated layer")
         self.embed = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
@@ -90,7 +94,10 @@ class RecurrentGate(nn.Module):
         Returns:
             Policy logits (B, C_out) and the new LSTM state; ``state=None`` starts from zeros.
         """
-        e = self.embed[index](x.mean((2, 3)))  # (B, E)
+        pooled = x.mean((2, 3))  # (B, C_in)
+        if self.detach_input:
+            pooled = pooled.detach()
+        e = self.embed[index](pooled)  # (B, E)
         h, c = self.cell(e, state)  # (B, H) each
         return self.heads[index](h), (h, c)  # (B, C_out)
 
