@@ -106,9 +106,11 @@ def bench_train(arch: str, res: int, batch: int, reps: int, device: torch.device
 
 
 def _memory_child(arch: str, res: int, batch: int, method: str, device: str) -> None:
-    """Run in a fresh process: a few training steps; print peak memory in bytes."""
-    import resource
+    """Run in a fresh process: a few training steps; print peak memory in bytes.
 
+    CPU: the process's resident-set high-water mark (VmHWM, which, unlike ru_maxrss, is not
+    inherited from the parent across fork/exec).
+    """
     dev = torch.device(device)
     model = _build(arch, dev)
     if method == "adafilter":
@@ -116,6 +118,7 @@ def _memory_child(arch: str, res: int, batch: int, method: str, device: str) -> 
     x = torch.randn(batch, 3, res, res, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
     step = _train_step_fn(model, x, y)
+    before = _status_kb("VmRSS") * 1024  # model + inputs, before any activation
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
@@ -123,22 +126,33 @@ def _memory_child(arch: str, res: int, batch: int, method: str, device: str) -> 
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_bytes": peak}))
+        peak = _status_kb("VmHWM") * 1024
+    print(json.dumps({"peak_bytes": peak, "before_training_bytes": before}))
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
 
 
 def bench_memory(arch: str, res: int, batch: int, device: torch.device) -> dict:
-    out = {}
+    out, before = {}, {}
     for method in ("finetune", "adafilter"):
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", arch, str(res), str(batch), method,
              str(device)],
             capture_output=True, text=True, check=True,
         )
-        out[method] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
-    kind = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+        rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[method], before[method] = rec["peak_bytes"], rec["before_training_bytes"]
+    kind = "max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+    growth = {m: out[m] - before[m] for m in out}
     return {"arch": arch, "resolution": res, "batch": batch, "measure": kind,
-            "peak_bytes": out, "ratio": out["adafilter"] / out["finetune"]}
+            "peak_bytes": out, "ratio": out["adafilter"] / out["finetune"],
+            "peak_minus_before_training_bytes": growth,
+            "training_growth_ratio": growth["adafilter"] / max(growth["finetune"], 1)}
 
 
 def _policy_stats(model: AdaFilterModel) -> dict:

@@ -172,3 +172,45 @@ def test_variance_is_numerically_stable_for_large_offsets():
     y = gated_batch_norm(xf, xf.clone(), g, bn_f, bn_s, training=True)
     want = F.batch_norm(xf.double(), None, None, training=True, eps=1e-5).float()
     torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stride,k", [(1, 3), (2, 1), (2, 3)])
+def test_fused_dual_conv_equals_two_convs(stride, k, training):
+    """The stacked-filter conv path gives the same outputs, gradients and BN updates."""
+    from adafilter.layers.gated_conv import GatedConv2dBN, policy_source
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, k, stride, k // 2, bias=False)
+    bn_f, _ = _bns(5)
+    layer = GatedConv2dBN(conv, bn_f, index=0)
+    with torch.no_grad():
+        layer.conv_f.weight.add_(0.1 * torch.randn_like(layer.conv_f.weight))
+        layer.bn_f.weight.mul_(1.3)
+    two = copy.deepcopy(layer)
+    two.fuse_convs = False
+    assert layer._fusable
+    layer.train(training), two.train(training)
+    g = torch.tensor([[1.0, 0, 1, 0, 1]] * 3 + [[0.0, 1, 1, 0, 0]] * 3).requires_grad_()
+
+    class Src:
+        def policy(self, index, x):
+            return g
+
+    x = torch.randn(6, 6, 8, 8, requires_grad=True)
+    dy = torch.randn(6, 5, 8 // stride, 8 // stride)
+    outs = []
+    for mod in (layer, two):
+        with policy_source(Src()):
+            y = mod(x)
+        params = [x, g, mod.conv_f.weight, mod.bn_f.weight, mod.bn_f.bias, mod.bn_s.weight,
+                  mod.bn_s.bias]
+        outs.append((y, torch.autograd.grad(y, params, dy)))
+    (y1, g1), (y2, g2) = outs
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for name in ("bn_f", "bn_s"):
+        for buf in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(getattr(layer, name), buf),
+                                       getattr(getattr(two, name), buf))

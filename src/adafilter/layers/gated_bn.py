@@ -83,27 +83,33 @@ def _per_example_sums(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _branch_stats(
-    x: Tensor,
+    stats: tuple[Tensor, Tensor] | None,
+    hw: int,
     mask: Tensor,
     bn: nn.BatchNorm2d,
-    training: bool,
     min_examples: int,
     min_values: int,
 ) -> _BranchStats:
-    """Statistics of one branch; updates ``bn``'s running statistics in training."""
+    """Statistics of one branch; updates ``bn``'s running statistics in training.
+
+    Args:
+        stats: Per-example ``(mean, biased var)``, each (B, C), of this branch's conv output;
+            ``None`` in eval mode (running statistics).
+        hw: Spatial size H * W of that output.
+        mask: (B, C) 1. where the example's channel is routed to this branch.
+    """
     weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
     bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
-    weight, bias = weight.detach(), bias.detach()
-    hw = x.shape[2] * x.shape[3]
-    run_mean = bn.running_mean.to(x.dtype)
-    run_var = bn.running_var.to(x.dtype)
-    if not training:
+    weight, bias = weight.detach().to(mask.dtype), bias.detach().to(mask.dtype)
+    run_mean = bn.running_mean.to(mask.dtype)
+    run_var = bn.running_var.to(mask.dtype)
+    if stats is None:
         rstd = torch.rsqrt(run_var + bn.eps)
         scale = weight * rstd
         false = torch.zeros_like(run_mean, dtype=torch.bool)
         return _BranchStats(run_mean, rstd, scale, bias - run_mean * scale, false, run_mean * 0)
 
-    mean_bc, var_bc = _per_example_stats(x)  # (B, C) each
+    mean_bc, var_bc = stats
     k = mask.sum(0)  # (C,) examples routed to this branch
     n = k * hw  # (C,) values
     k_safe = k.clamp(min=1)
@@ -128,28 +134,46 @@ def _branch_stats(
     return _BranchStats(mu, rstd, scale, bias - mu * scale, use_batch, n)
 
 
+def _select_normalise(xf: Tensor, xs: Tensor, sel: Tensor, sf: _BranchStats,
+                      ss: _BranchStats) -> Tensor:
+    """Eq. 1 selection then Eq. 5 normalisation with each branch's own statistics."""
+    scale = torch.where(sel, sf.scale, ss.scale)[:, :, None, None]  # (B, C, 1, 1)
+    shift = torch.where(sel, sf.shift, ss.shift)[:, :, None, None]
+    z = torch.where(sel[:, :, None, None], xf, xs)  # (B, C, H, W)
+    return torch.addcmul(shift, z, scale)
+
+
+def _branch_backward(
+    st: _BranchStats, mask: Tensor, sum_dy: Tensor, sum_dy_x: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """BN backward of one branch from per-example sums (all (B, C)).
+
+    Returns ``(k1, k2, k3, dgamma, dbeta)`` with ``dx = k1 * dy + k2 * x + k3`` per (b, c);
+    rows not routed to the branch get zero coefficients.
+    """
+    dbeta = (mask * sum_dy).sum(0)  # (C,)
+    dgamma = st.rstd * (mask * (sum_dy_x - st.mean * sum_dy)).sum(0)  # (C,) = sum dy * xhat
+    n = st.count.clamp(min=1)
+    k2 = torch.where(st.use_batch, -st.scale * st.rstd * dgamma / n, 0.0)
+    k3 = torch.where(st.use_batch, -st.scale * dbeta / n, 0.0) - k2 * st.mean
+    return mask * st.scale, mask * k2, mask * k3, dgamma, dbeta
+
+
+def _policy_grad(sf: _BranchStats, ss: _BranchStats, sum_dy: Tensor, pf: Tensor,
+                 ps: Tensor) -> Tensor:
+    """Eq. 5 differentiated w.r.t. G: ``sum_hw dy * (y_F - y_S)``, (B, C)."""
+    return sf.scale * pf + sf.shift * sum_dy - ss.scale * ps - ss.shift * sum_dy
+
+
 class _GatedBNFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        xf: Tensor,
-        xs: Tensor,
-        g: Tensor,
-        wf: Tensor,
-        bf: Tensor,
-        ws: Tensor,
-        bs: Tensor,
-        sf: _BranchStats,
-        ss: _BranchStats,
+        ctx: Any, xf: Tensor, xs: Tensor, g: Tensor, wf: Tensor, bf: Tensor, ws: Tensor,
+        bs: Tensor, sf: _BranchStats, ss: _BranchStats,
     ) -> Tensor:
-        sel = g > 0.5  # (B, C)
-        scale = torch.where(sel, sf.scale, ss.scale)[:, :, None, None]  # (B, C, 1, 1)
-        shift = torch.where(sel, sf.shift, ss.shift)[:, :, None, None]
-        z = torch.where(sel[:, :, None, None], xf, xs)  # (B, C, H, W): Eq. 1 selection
-        y = torch.addcmul(shift, z, scale)  # Eq. 5 with each branch's own statistics
         ctx.save_for_backward(xf, xs, g)
         ctx.stats = (sf, ss)
-        return y
+        return _select_normalise(xf, xs, g > 0.5, sf, ss)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
@@ -160,23 +184,19 @@ class _GatedBNFunction(torch.autograd.Function):
         _, ps = _per_example_sums(dy, xs)
         grads = []
         for x, p, mask, st in ((xf, pf, g, sf), (xs, ps, 1.0 - g, ss)):
-            sum_dy = (mask * a).sum(0)  # (C,)  = dL/dbeta
-            sum_dy_xhat = st.rstd * (mask * (p - st.mean * a)).sum(0)  # (C,) = dL/dgamma
-            # dx = k1*dy + k2*x + k3, folded per (b, c); rows not routed here get 0.
-            n = st.count.clamp(min=1)
-            k1 = st.scale
-            k2 = torch.where(st.use_batch, -st.scale * st.rstd * sum_dy_xhat / n, 0.0)
-            k3 = torch.where(st.use_batch, -st.scale * sum_dy / n, 0.0) - k2 * st.mean
-            k1, k2, k3 = ((mask * k)[:, :, None, None] for k in (k1, k2, k3))  # (B, C, 1, 1)
-            dx = torch.addcmul(k3, dy, k1)
-            dx.addcmul_(x, k2)
-            grads.append((dx, sum_dy_xhat, sum_dy))
+            k1, k2, k3, dgamma, dbeta = _branch_backward(st, mask, a, p)
+            dx = torch.addcmul(k3[:, :, None, None], dy, k1[:, :, None, None])
+            dx.addcmul_(x, k2[:, :, None, None])
+            grads.append((dx, dgamma, dbeta))
         (dxf, dwf, dbf), (dxs, dws, dbs) = grads
-        dg = None
-        if ctx.needs_input_grad[2]:
-            # Eq. 5 differentiated w.r.t. G: sum_hw dy * (y_F - y_S).
-            dg = sf.scale * pf + sf.shift * a - ss.scale * ps - ss.shift * a
+        dg = _policy_grad(sf, ss, a, pf, ps) if ctx.needs_input_grad[2] else None
         return dxf, dxs, dg, dwf, dbf, dws, dbs, None, None
+
+
+def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
+    w = bn.weight if bn.weight is not None else torch.ones_like(like)
+    b = bn.bias if bn.bias is not None else torch.zeros_like(like)
+    return w, b
 
 
 def gated_batch_norm(
@@ -209,10 +229,95 @@ def gated_batch_norm(
         raise ValueError(f"xf, xs must be equal (B, C, H, W) tensors, got {xf.shape}, {xs.shape}")
     g = g.to(xf.dtype)
     mask = g.detach()
-    sf = _branch_stats(xf.detach(), mask, bn_f, training, min_examples, min_values)
-    ss = _branch_stats(xs.detach(), 1.0 - mask, bn_s, training, min_examples, min_values)
-    wf = bn_f.weight if bn_f.weight is not None else torch.ones_like(sf.mean)
-    bf = bn_f.bias if bn_f.bias is not None else torch.zeros_like(sf.mean)
-    ws = bn_s.weight if bn_s.weight is not None else torch.ones_like(ss.mean)
-    bs = bn_s.bias if bn_s.bias is not None else torch.zeros_like(ss.mean)
-    return _GatedBNFunction.apply(xf, xs, g, wf, bf, ws, bs, sf, ss)
+    hw = xf.shape[2] * xf.shape[3]
+    stats_f = _per_example_stats(xf.detach()) if training else None
+    stats_s = _per_example_stats(xs.detach()) if training else None
+    sf = _branch_stats(stats_f, hw, mask, bn_f, min_examples, min_values)
+    ss = _branch_stats(stats_s, hw, 1.0 - mask, bn_s, min_examples, min_values)
+    return _GatedBNFunction.apply(xf, xs, g, *_affine(bn_f, sf.mean), *_affine(bn_s, ss.mean),
+                                  sf, ss)
+
+
+class _DualConvGatedBNFunction(torch.autograd.Function):
+    """F and S convs as ONE conv over the stacked filters [W_F; W_S], then gated BN.
+
+    Backward: one input-gradient conv over the stacked filters (the two branches' input
+    gradients come out already summed) and one weight-gradient conv for W_F only -- the conv
+    FLOPs of the method's floor (S needs no weight gradient) in three kernel calls instead of
+    four plus an add, and per-example statistics of both branches in one pass.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, w_f: Tensor, w_s: Tensor, g: Tensor, wf: Tensor, bf: Tensor,
+        ws: Tensor, bs: Tensor, conv: tuple, bns: tuple, training: bool, limits: tuple,
+    ) -> Tensor:
+        stride, padding, dilation = conv
+        c = w_f.shape[0]
+        w_cat = torch.cat([w_f, w_s])  # (2C, C_in, k, k)
+        out = torch.nn.functional.conv2d(x, w_cat, None, stride, padding, dilation)  # (B,2C,H,W)
+        b, _, h, w = out.shape
+        mask = g.detach()
+        if training:
+            mean2, var2 = _per_example_stats(out)  # (B, 2C) each, one pass for both branches
+            stats_f, stats_s = (mean2[:, :c], var2[:, :c]), (mean2[:, c:], var2[:, c:])
+        else:
+            stats_f = stats_s = None
+        sf = _branch_stats(stats_f, h * w, mask, bns[0], *limits)
+        ss = _branch_stats(stats_s, h * w, 1.0 - mask, bns[1], *limits)
+        ctx.save_for_backward(x, w_cat, out, g)
+        ctx.stats, ctx.conv, ctx.c = (sf, ss), conv, c
+        return _select_normalise(out[:, :c], out[:, c:], g > 0.5, sf, ss)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        x, w_cat, out, g = ctx.saved_tensors
+        sf, ss = ctx.stats
+        c = ctx.c
+        stride, padding, dilation = ctx.conv
+        dy2 = torch.cat([dy, dy], 1)  # (B, 2C, H, W): both branches see dL/dy
+        a2, p2 = _per_example_sums(dy2, out)  # (B, 2C) each
+        a, pf, ps = a2[:, :c], p2[:, :c], p2[:, c:]
+        k1f, k2f, k3f, dwf, dbf = _branch_backward(sf, g, a, pf)
+        k1s, k2s, k3s, dws, dbs = _branch_backward(ss, 1.0 - g, a, ps)
+        k1 = torch.cat([k1f, k1s], 1)[:, :, None, None]  # (B, 2C, 1, 1)
+        k2 = torch.cat([k2f, k2s], 1)[:, :, None, None]
+        k3 = torch.cat([k3f, k3s], 1)[:, :, None, None]
+        d_out = torch.addcmul(k3, dy2, k1)  # (B, 2C, H, W): dL/d[F(x); S(x)]
+        d_out.addcmul_(out, k2)
+        args = (None, stride, padding, dilation, False, [0, 0], 1)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.aten.convolution_backward(
+                d_out, x, w_cat, *args, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            dw = torch.ops.aten.convolution_backward(
+                d_out[:, :c], x, w_cat[:c], *args, [False, True, False])[1]
+        dg = _policy_grad(sf, ss, a, pf, ps) if ctx.needs_input_grad[3] else None
+        return (dx, dw, None, dg, dwf, dbf, dws, dbs, None, None, None, None)
+
+
+def dual_conv_gated_batch_norm(
+    x: Tensor,
+    conv_f: nn.Conv2d,
+    conv_s: nn.Conv2d,
+    g: Tensor,
+    bn_f: nn.BatchNorm2d,
+    bn_s: nn.BatchNorm2d,
+    *,
+    training: bool,
+    min_examples: int = 2,
+    min_values: int = 16,
+) -> Tensor:
+    """``gated_batch_norm(conv_f(x), conv_s(x), g, ...)`` with the two convs fused.
+
+    Only for bias-free, ungrouped convs with numeric padding (the convs of conv-BN networks);
+    :class:`~adafilter.layers.gated_conv.GatedConv2dBN` falls back to two convs otherwise.
+    """
+    conv = (conv_s.stride, conv_s.padding, conv_s.dilation)
+    g = g.to(x.dtype)
+    mask = g.detach()
+    return _DualConvGatedBNFunction.apply(
+        x, conv_f.weight, conv_s.weight, g, *_affine(bn_f, mask[0]), *_affine(bn_s, mask[0]),
+        conv, (bn_f, bn_s), training, (min_examples, min_values),
+    )

