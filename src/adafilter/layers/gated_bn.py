@@ -17,16 +17,17 @@ back-propagating through ``1/sqrt(var)`` blows activations and gradients up. A b
 uses its batch statistics for channel ``c`` only if it has at least ``min_examples`` examples
 and ``min_examples * H * W >= min_values`` values; otherwise it normalises that channel with its
 running statistics (treated as constants, as in eval mode) and leaves them unchanged. Variances
-are combined from per-example ``var_mean`` with Chan's parallel formula, never as
+are combined from per-example statistics with Chan's parallel formula, never as
 ``E[x^2] - E[x]^2``.
 
 The gradient w.r.t. the policy is that of Eq. 5 with both BN outputs evaluated under their own
 branch statistics: ``dL/dG[b, c] = sum_hw dL/dy * (BN_F(F(x)) - BN_S(S(x)))``. Which examples
 enter a branch's statistics is a discrete choice and carries no gradient.
 
-Everything is computed from per-(example, channel) reductions and fused multiply-adds, so the
-forward reads each conv output twice and the backward reads it twice more; a composition of
-``torch.where`` + two ``F.batch_norm`` calls on masked copies needs several times that.
+Everything is computed from per-(example, channel) reductions and fused multiply-adds: the
+forward makes three passes over the selected output (select, statistics, normalise), the
+backward two reductions and four fused multiply-adds; masked copies fed to two ``F.batch_norm``
+calls would need several times that.
 """
 
 from __future__ import annotations
@@ -134,15 +135,6 @@ def _branch_stats(
     return _BranchStats(mu, rstd, scale, bias - mu * scale, use_batch, n)
 
 
-def _select_normalise(xf: Tensor, xs: Tensor, sel: Tensor, sf: _BranchStats,
-                      ss: _BranchStats) -> Tensor:
-    """Eq. 1 selection then Eq. 5 normalisation with each branch's own statistics."""
-    scale = torch.where(sel, sf.scale, ss.scale)[:, :, None, None]  # (B, C, 1, 1)
-    shift = torch.where(sel, sf.shift, ss.shift)[:, :, None, None]
-    z = torch.where(sel[:, :, None, None], xf, xs)  # (B, C, H, W)
-    return torch.addcmul(shift, z, scale)
-
-
 def _branch_backward(
     st: _BranchStats, mask: Tensor, sum_dy: Tensor, sum_dy_x: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -169,11 +161,14 @@ class _GatedBNFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, xf: Tensor, xs: Tensor, g: Tensor, wf: Tensor, bf: Tensor, ws: Tensor,
-        bs: Tensor, sf: _BranchStats, ss: _BranchStats,
+        bs: Tensor, z: Tensor, sf: _BranchStats, ss: _BranchStats,
     ) -> Tensor:
         ctx.save_for_backward(xf, xs, g)
         ctx.stats = (sf, ss)
-        return _select_normalise(xf, xs, g > 0.5, sf, ss)
+        sel = g > 0.5
+        scale = torch.where(sel, sf.scale, ss.scale)[:, :, None, None]  # (B, C, 1, 1)
+        shift = torch.where(sel, sf.shift, ss.shift)[:, :, None, None]
+        return torch.addcmul(shift, z, scale)  # Eq. 5, z = Eq. 1's selection
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
@@ -190,7 +185,7 @@ class _GatedBNFunction(torch.autograd.Function):
             grads.append((dx, dgamma, dbeta))
         (dxf, dwf, dbf), (dxs, dws, dbs) = grads
         dg = _policy_grad(sf, ss, a, pf, ps) if ctx.needs_input_grad[2] else None
-        return dxf, dxs, dg, dwf, dbf, dws, dbs, None, None
+        return dxf, dxs, dg, dwf, dbf, dws, dbs, None, None, None
 
 
 def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -230,94 +225,12 @@ def gated_batch_norm(
     g = g.to(xf.dtype)
     mask = g.detach()
     hw = xf.shape[2] * xf.shape[3]
-    stats_f = _per_example_stats(xf.detach()) if training else None
-    stats_s = _per_example_stats(xs.detach()) if training else None
-    sf = _branch_stats(stats_f, hw, mask, bn_f, min_examples, min_values)
-    ss = _branch_stats(stats_s, hw, 1.0 - mask, bn_s, min_examples, min_values)
+    with torch.no_grad():
+        z = torch.where(mask[:, :, None, None] > 0.5, xf, xs)  # (B, C, H, W): Eq. 1
+    # A branch's statistics only involve its routed (example, channel) planes, which are
+    # exactly the planes of z: one statistics pass serves both branches.
+    stats = _per_example_stats(z) if training else None
+    sf = _branch_stats(stats, hw, mask, bn_f, min_examples, min_values)
+    ss = _branch_stats(stats, hw, 1.0 - mask, bn_s, min_examples, min_values)
     return _GatedBNFunction.apply(xf, xs, g, *_affine(bn_f, sf.mean), *_affine(bn_s, ss.mean),
-                                  sf, ss)
-
-
-class _DualConvGatedBNFunction(torch.autograd.Function):
-    """F and S convs as ONE conv over the stacked filters [W_F; W_S], then gated BN.
-
-    Backward: one input-gradient conv over the stacked filters (the two branches' input
-    gradients come out already summed) and one weight-gradient conv for W_F only -- the conv
-    FLOPs of the method's floor (S needs no weight gradient) in three kernel calls instead of
-    four plus an add, and per-example statistics of both branches in one pass.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, w_f: Tensor, w_s: Tensor, g: Tensor, wf: Tensor, bf: Tensor,
-        ws: Tensor, bs: Tensor, conv: tuple, bns: tuple, training: bool, limits: tuple,
-    ) -> Tensor:
-        stride, padding, dilation = conv
-        c = w_f.shape[0]
-        w_cat = torch.cat([w_f, w_s])  # (2C, C_in, k, k)
-        out = torch.nn.functional.conv2d(x, w_cat, None, stride, padding, dilation)  # (B,2C,H,W)
-        b, _, h, w = out.shape
-        mask = g.detach()
-        if training:
-            mean2, var2 = _per_example_stats(out)  # (B, 2C) each, one pass for both branches
-            stats_f, stats_s = (mean2[:, :c], var2[:, :c]), (mean2[:, c:], var2[:, c:])
-        else:
-            stats_f = stats_s = None
-        sf = _branch_stats(stats_f, h * w, mask, bns[0], *limits)
-        ss = _branch_stats(stats_s, h * w, 1.0 - mask, bns[1], *limits)
-        ctx.save_for_backward(x, w_cat, out, g)
-        ctx.stats, ctx.conv, ctx.c = (sf, ss), conv, c
-        return _select_normalise(out[:, :c], out[:, c:], g > 0.5, sf, ss)
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, w_cat, out, g = ctx.saved_tensors
-        sf, ss = ctx.stats
-        c = ctx.c
-        stride, padding, dilation = ctx.conv
-        dy2 = torch.cat([dy, dy], 1)  # (B, 2C, H, W): both branches see dL/dy
-        a2, p2 = _per_example_sums(dy2, out)  # (B, 2C) each
-        a, pf, ps = a2[:, :c], p2[:, :c], p2[:, c:]
-        k1f, k2f, k3f, dwf, dbf = _branch_backward(sf, g, a, pf)
-        k1s, k2s, k3s, dws, dbs = _branch_backward(ss, 1.0 - g, a, ps)
-        k1 = torch.cat([k1f, k1s], 1)[:, :, None, None]  # (B, 2C, 1, 1)
-        k2 = torch.cat([k2f, k2s], 1)[:, :, None, None]
-        k3 = torch.cat([k3f, k3s], 1)[:, :, None, None]
-        d_out = torch.addcmul(k3, dy2, k1)  # (B, 2C, H, W): dL/d[F(x); S(x)]
-        d_out.addcmul_(out, k2)
-        args = (None, stride, padding, dilation, False, [0, 0], 1)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.aten.convolution_backward(
-                d_out, x, w_cat, *args, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            dw = torch.ops.aten.convolution_backward(
-                d_out[:, :c], x, w_cat[:c], *args, [False, True, False])[1]
-        dg = _policy_grad(sf, ss, a, pf, ps) if ctx.needs_input_grad[3] else None
-        return (dx, dw, None, dg, dwf, dbf, dws, dbs, None, None, None, None)
-
-
-def dual_conv_gated_batch_norm(
-    x: Tensor,
-    conv_f: nn.Conv2d,
-    conv_s: nn.Conv2d,
-    g: Tensor,
-    bn_f: nn.BatchNorm2d,
-    bn_s: nn.BatchNorm2d,
-    *,
-    training: bool,
-    min_examples: int = 2,
-    min_values: int = 16,
-) -> Tensor:
-    """``gated_batch_norm(conv_f(x), conv_s(x), g, ...)`` with the two convs fused.
-
-    Only for bias-free, ungrouped convs with numeric padding (the convs of conv-BN networks);
-    :class:`~adafilter.layers.gated_conv.GatedConv2dBN` falls back to two convs otherwise.
-    """
-    conv = (conv_s.stride, conv_s.padding, conv_s.dilation)
-    g = g.to(x.dtype)
-    mask = g.detach()
-    return _DualConvGatedBNFunction.apply(
-        x, conv_f.weight, conv_s.weight, g, *_affine(bn_f, mask[0]), *_affine(bn_s, mask[0]),
-        conv, (bn_f, bn_s), training, (min_examples, min_values),
-    )
+                                  z, sf, ss)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gated_bn import dual_conv_gated_batch_norm, gated_batch_norm
+from .gated_bn import gated_batch_norm
 
 
 class PolicySource(Protocol):
@@ -105,11 +105,6 @@ class GatedConv2dBN(nn.Module):
             self.bn_f = copy.deepcopy(bn)
         else:
             self.bn = bn
-        # One conv over [W_F; W_S] (see gated_bn.py) needs ungrouped, bias-free convs.
-        self._fusable = (
-            conv.groups == 1 and conv.bias is None and not isinstance(conv.padding, str)
-        )
-        self.fuse_convs = True
         self._fold_key: tuple | None = None
         self._fold: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._merged: tuple[Tensor, Tensor, Tensor] | None = None
@@ -135,11 +130,6 @@ class GatedConv2dBN(nn.Module):
         g = source.policy(self.index, x)  # (B, C_out) in {0, 1}
         if not self.training and self.fast_eval and not torch.is_grad_enabled():
             return self._forward_fast(x, g > 0.5)
-        if self.gated_bn and self._fusable and self.fuse_convs:
-            return dual_conv_gated_batch_norm(  # (B, C, H', W')
-                x, self.conv_f, self.conv_s, g, self.bn_f, self.bn_s, training=self.training,
-                min_examples=self.bn_min_examples, min_values=self.bn_min_values,
-            )
         xf = self._conv(x, self.conv_f.weight, self.conv_f.bias)  # (B, C, H', W')
         xs = self._conv(x, self.conv_s.weight, self.conv_s.bias)  # (B, C, H', W')
         if self.gated_bn:
