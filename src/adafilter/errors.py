@@ -1,7 +1,7 @@
 """User-facing errors.
 
-Anything raised as :class:`AdaFilterError` is shown by the CLI as one line (``adafilter: error: ...``)
-with no traceback, so its message must name the problem and the fix.
+Anything raised as :class:`AdaFilterError` is shown by the CLI as one line
+(``adafilter: error: ...``) with no traceback, so its message must name the problem and the fix.
 """
 
 from __future__ import annotations
