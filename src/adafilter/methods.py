@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .model import conv_execution_order
 from .registry import Registry
 
 logger = logging.getLogger("adafilter")
@@ -155,62 +156,6 @@ class FineTune(Method):
     ) -> Prepared:
         network.requires_grad_(True)
         return Prepared(model=network, method=self)
-
-
-def conv_execution_order(
-    model: nn.Module, example_input: Tensor, *, skip_prefix: str | None = None
-) -> list[tuple[str, str | None]]:
-    """Every ``Conv2d`` in the order it first runs, with the BN that directly follows it.
-
-    A BN "directly follows" a conv when its input is the very tensor the conv returned
-    (``bn(conv(x))``), as in torchvision's and timm's conv-BN blocks. Runs ``model`` once in
-    eval mode without gradients, so BN running statistics are untouched.
-
-    Args:
-        model: The network.
-        example_input: A batch it accepts.
-        skip_prefix: Module name whose convs are ignored (the classifier head).
-
-    Returns:
-        ``[(conv_name, bn_name or None), ...]`` in execution order.
-    """
-    names = {m: n for n, m in model.named_modules()}
-    order: list[str] = []
-    follower: dict[str, str] = {}
-    outputs: dict[int, tuple[str, Tensor]] = {}
-
-    def skipped(name: str) -> bool:
-        return bool(skip_prefix) and (name == skip_prefix or name.startswith(skip_prefix + "."))
-
-    def conv_hook(mod: nn.Module, args: Any, out: Tensor) -> None:
-        name = names[mod]
-        if skipped(name):
-            return
-        if name not in order:
-            order.append(name)
-        outputs[id(out)] = (name, out)  # keep `out` alive so its id stays unique
-
-    def bn_hook(mod: nn.Module, args: Any) -> None:
-        hit = outputs.get(id(args[0]))
-        if hit is not None and hit[1] is args[0]:
-            follower.setdefault(hit[0], names[mod])
-
-    hooks = []
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d):
-            hooks.append(mod.register_forward_hook(conv_hook))
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            hooks.append(mod.register_forward_pre_hook(bn_hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return [(c, follower.get(c)) for c in order]
 
 
 def freeze_first_half(model: nn.Module, example_input: Tensor, *, head_name: str) -> dict[str, Any]:

@@ -16,43 +16,56 @@ from .layers.gated_conv import GatedConv2dBN, policy_source
 
 logger = logging.getLogger("adafilter")
 
-__all__ = ["AdaFilterModel", "find_conv_bn_pairs", "wrap"]
+__all__ = ["AdaFilterModel", "conv_execution_order", "find_conv_bn_pairs", "wrap"]
 
 
-def find_conv_bn_pairs(model: nn.Module, example_input: Tensor) -> list[tuple[str, str]]:
-    """Conv2d layers whose output goes straight into a BatchNorm2d, in execution order.
+def conv_execution_order(
+    model: nn.Module, example_input: Tensor, *, skip_prefix: str | None = None
+) -> list[tuple[str, str | None]]:
+    """Every ``Conv2d`` in the order it first runs, with the BN that directly follows it.
 
-    Runs ``model`` once on ``example_input`` (eval mode, no gradients) with hooks: a pair is
-    recorded when a BN's input is the very tensor a conv just returned. Modules called more
-    than once in a forward (shared weights) are left out.
+    Runs ``model`` once on ``example_input`` (eval mode, no gradients, so BN running statistics
+    are untouched) with hooks: a BN "directly follows" a conv when its input is the very tensor
+    the conv returned (``bn(conv(x))``). A conv or BN that runs more than once in a forward
+    (shared weights) gets no follower.
 
     Args:
         model: Any network built from ``nn.Module``s.
-        example_input: A batch the model accepts, e.g. ``torch.randn(1, 3, 64, 64)``.
+        example_input: A batch the model accepts, e.g. ``torch.zeros(1, 3, 64, 64)``.
+        skip_prefix: Module name whose convs are ignored (e.g. a conv classifier head).
 
     Returns:
-        ``[(conv_name, bn_name), ...]`` in the order the convs run.
+        ``[(conv_name, bn_name or None), ...]`` in execution order.
     """
     names = {m: n for n, m in model.named_modules()}
+    order: list[str] = []
+    follower: dict[str, str] = {}
     outputs: dict[int, tuple[str, Tensor]] = {}
     calls: dict[str, int] = {}
-    pairs: list[tuple[str, str]] = []
+
+    def skipped(name: str) -> bool:
+        return bool(skip_prefix) and (name == skip_prefix or name.startswith(f"{skip_prefix}."))
 
     def conv_hook(mod: nn.Module, args: Any, out: Tensor) -> None:
-        calls[names[mod]] = calls.get(names[mod], 0) + 1
-        outputs[id(out)] = (names[mod], out)  # keep `out` alive so its id stays unique
+        name = names[mod]
+        calls[name] = calls.get(name, 0) + 1
+        if skipped(name):
+            return
+        if name not in order:
+            order.append(name)
+        outputs[id(out)] = (name, out)  # keep `out` alive so its id stays unique
 
     def bn_hook(mod: nn.Module, args: Any) -> None:
         calls[names[mod]] = calls.get(names[mod], 0) + 1
         hit = outputs.get(id(args[0]))
         if hit is not None and hit[1] is args[0]:
-            pairs.append((hit[0], names[mod]))
+            follower.setdefault(hit[0], names[mod])
 
     hooks = []
     for mod in model.modules():
-        if type(mod) is nn.Conv2d:
+        if isinstance(mod, nn.Conv2d):
             hooks.append(mod.register_forward_hook(conv_hook))
-        elif type(mod) is nn.BatchNorm2d:
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
             hooks.append(mod.register_forward_pre_hook(bn_hook))
     was_training = model.training
     try:
@@ -63,7 +76,21 @@ def find_conv_bn_pairs(model: nn.Module, example_input: Tensor) -> list[tuple[st
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return [(c, b) for c, b in pairs if calls[c] == 1 and calls[b] == 1]
+    once = {n for n, k in calls.items() if k == 1}
+    return [(c, follower[c] if c in once and follower.get(c) in once else None) for c in order]
+
+
+def find_conv_bn_pairs(model: nn.Module, example_input: Tensor) -> list[tuple[str, str]]:
+    """Conv2d layers whose output goes straight into a BatchNorm2d, in execution order.
+
+    Only plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` (not subclasses, whose forward may differ)
+    are paired; see :func:`conv_execution_order` for how pairs are traced.
+    """
+    return [
+        (c, b) for c, b in conv_execution_order(model, example_input)
+        if b is not None and type(model.get_submodule(c)) is nn.Conv2d
+        and type(model.get_submodule(b)) is nn.BatchNorm2d
+    ]
 
 
 def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
