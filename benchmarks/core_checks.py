@@ -51,7 +51,8 @@ def init_equality(arch: str) -> dict[str, float]:
 
 def fast_vs_dual(arch: str) -> dict[str, float]:
     torch.manual_seed(0)
-    model: AdaFilterModel = wrap(_pretrained_like(getattr(torchvision.models, arch)(num_classes=10)))
+    base = _pretrained_like(getattr(torchvision.models, arch)(num_classes=10))
+    model: AdaFilterModel = wrap(base)
     opt = torch.optim.SGD(model.param_groups(lr=0.05, gate_lr=0.5), momentum=0.9)
     gen = torch.Generator().manual_seed(1)
     model.train()

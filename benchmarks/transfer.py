@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ["finetune", "finetune-half", "random-policy", "l2sp", "adafilter", "standard-bn",
            "cnn-gate"]
 SETTINGS = {
-    "cifar": dict(backbone="cifar-resnet20", resolution=32, epochs=15, milestones=[10],
+    "cifar": dict(backbone="cifar-resnet20", resolution=32, epochs=10, milestones=[7],
                   batch_size=64, gate_backbone="cifar-resnet20"),
     "lite0": dict(backbone="efficientnet-lite0", resolution=64, epochs=6, milestones=[4],
                   batch_size=64, gate_backbone="cifar-resnet20"),
@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=None, help="override the setting's epochs")
     ap.add_argument("--data-root", default=None, help="omniglot-small zip or folder")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--no-report", action="store_true", help="only train (parallel streams)")
     ap.add_argument("--out", default=str(RESULTS / "transfer"))
     args = ap.parse_args()
     s = dict(SETTINGS[args.setting])
@@ -58,9 +59,11 @@ def main() -> None:
         for method in [m for m in args.methods.split(",") if m]:
             run_dir = root / f"{method}-s{seed}"
             done = run_dir / "summary.json"
-            if done.exists() and json.loads(done.read_text()).get("completed"):
-                summaries.append(json.loads(done.read_text()))
-                continue
+            if done.exists():
+                prev = json.loads(done.read_text())
+                if prev.get("completed") and prev.get("epochs") == s["epochs"]:
+                    summaries.append(prev)
+                    continue
             cfg = TrainConfig(
                 method=method, dataset="omniglot-small", data_root=args.data_root or "",
                 backbone=s["backbone"], weights="pretrained", out=str(run_dir),
@@ -73,6 +76,8 @@ def main() -> None:
             print(json.dumps({"method": method, "seed": seed,
                               "final_test_acc": summaries[-1]["final_test_acc"],
                               "wall_time_s": round(summaries[-1]["wall_time_s"], 1)}), flush=True)
+    if args.no_report:
+        return
     report_dir = RESULTS / f"transfer-{args.setting}"
     rep = make_report([root], report_dir, title=f"Transfer benchmark: {args.setting}")
     shutil.copyfile(rep["report_md"], RESULTS / f"transfer-{args.setting}.md")

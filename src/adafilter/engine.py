@@ -713,6 +713,10 @@ def _fit(
             progress=progress,
         )
         scheduler.step()
+        for ds in (train_ds, eval_ds):  # one counting warning per epoch for unreadable images
+            report = getattr(ds, "report_skipped", None)
+            if report is not None:
+                report()
         row = {
             "epoch": epoch,
             "lr": lr,
