@@ -79,8 +79,9 @@ def main() -> None:
     plain = sum(p.numel() for p in torchvision.models.resnet50().parameters())
     counts = wrap(torchvision.models.resnet50()).parameter_counts()
     result = {
-        "init_max_rel_diff": {a: init_equality(a) for a in ("resnet18", "resnet50",
-                                                            "mobilenet_v2")},
+        "init_max_rel_diff": {
+            a: init_equality(a) for a in ("resnet18", "resnet50", "mobilenet_v2")
+        },
         "fast_vs_dual_after_training": {a: fast_vs_dual(a) for a in ("resnet18", "mobilenet_v2")},
         "resnet50_params": {"plain": plain, **counts, "ratio": counts["total"] / plain},
     }

@@ -49,8 +49,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _interleaved(fns: dict[str, Callable[[], None]], reps: int, device: torch.device,
-                 warmup: int = 1) -> dict[str, float]:
+def _interleaved(
+    fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int = 1
+) -> dict[str, float]:
     """Median seconds of each fn, repetitions interleaved (a, b, a, b, ...)."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -99,10 +100,18 @@ def bench_train(arch: str, res: int, batch: int, reps: int, device: torch.device
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, res, res, generator=gen).to(device)
     y = torch.randint(0, 100, (batch,), generator=gen).to(device)
-    med = _interleaved({"finetune": _train_step_fn(plain, x, y),
-                        "adafilter": _train_step_fn(ada, x, y)}, reps, device)
-    return {"arch": arch, "resolution": res, "batch": batch, "median_s": med,
-            "ratio": med["adafilter"] / med["finetune"]}
+    med = _interleaved(
+        {"finetune": _train_step_fn(plain, x, y), "adafilter": _train_step_fn(ada, x, y)},
+        reps,
+        device,
+    )
+    return {
+        "arch": arch,
+        "resolution": res,
+        "batch": batch,
+        "median_s": med,
+        "ratio": med["adafilter"] / med["finetune"],
+    }
 
 
 def _memory_child(arch: str, res: int, batch: int, method: str, device: str) -> None:
@@ -141,18 +150,34 @@ def bench_memory(arch: str, res: int, batch: int, device: torch.device) -> dict:
     out, before = {}, {}
     for method in ("finetune", "adafilter"):
         proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", arch, str(res), str(batch), method,
-             str(device)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                arch,
+                str(res),
+                str(batch),
+                method,
+                str(device),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         rec = json.loads(proc.stdout.strip().splitlines()[-1])
         out[method], before[method] = rec["peak_bytes"], rec["before_training_bytes"]
     kind = "max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
     growth = {m: out[m] - before[m] for m in out}
-    return {"arch": arch, "resolution": res, "batch": batch, "measure": kind,
-            "peak_bytes": out, "ratio": out["adafilter"] / out["finetune"],
-            "peak_minus_before_training_bytes": growth,
-            "training_growth_ratio": growth["adafilter"] / max(growth["finetune"], 1)}
+    return {
+        "arch": arch,
+        "resolution": res,
+        "batch": batch,
+        "measure": kind,
+        "peak_bytes": out,
+        "ratio": out["adafilter"] / out["finetune"],
+        "peak_minus_before_training_bytes": growth,
+        "training_growth_ratio": growth["adafilter"] / max(growth["finetune"], 1),
+    }
 
 
 def _policy_stats(model: AdaFilterModel) -> dict:
@@ -162,12 +187,22 @@ def _policy_stats(model: AdaFilterModel) -> dict:
         need_f += int(pol.any(0).sum())
         need_s += int((~pol).any(0).sum())
         total += pol.shape[1]
-    return {"needed_from_F": need_f / total, "needed_from_S": need_s / total,
-            "computed_vs_plain": (need_f + need_s) / total}
+    return {
+        "needed_from_F": need_f / total,
+        "needed_from_S": need_s / total,
+        "computed_vs_plain": (need_f + need_s) / total,
+    }
 
 
-def bench_eval(arch: str, res: int, batch: int, reps: int, device: torch.device,
-               checkpoint: str | None, policy: str) -> dict:
+def bench_eval(
+    arch: str,
+    res: int,
+    batch: int,
+    reps: int,
+    device: torch.device,
+    checkpoint: str | None,
+    policy: str,
+) -> dict:
     plain = _build(arch, device).eval()
     ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
     ada.eval()
@@ -188,6 +223,7 @@ def bench_eval(arch: str, res: int, batch: int, reps: int, device: torch.device,
         def run() -> None:
             with torch.no_grad():
                 model(xs[i["n"] % len(xs)])
+
         return run
 
     def nxt() -> None:  # a new example every repetition, as in streaming inference
@@ -198,9 +234,16 @@ def bench_eval(arch: str, res: int, batch: int, reps: int, device: torch.device,
     med.pop("_next")
     with torch.no_grad():
         ada(xs[0])
-    return {"arch": arch, "resolution": res, "batch": batch, "policy": policy,
-            "median_s": med, "fast_vs_plain": med["fast"] / med["plain"],
-            "dual_vs_plain": med["dual"] / med["plain"], **_policy_stats(ada)}
+    return {
+        "arch": arch,
+        "resolution": res,
+        "batch": batch,
+        "policy": policy,
+        "median_s": med,
+        "fast_vs_plain": med["fast"] / med["plain"],
+        "dual_vs_plain": med["dual"] / med["plain"],
+        **_policy_stats(ada),
+    }
 
 
 def _make_trained_like(model: AdaFilterModel) -> None:
@@ -236,20 +279,28 @@ def main() -> None:
     big = ("resnet18", 64) if args.quick else ("resnet50", 224)
     reps = args.reps or (3 if args.quick else 7)
     result: dict = {
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-        "cpu": _cpu_model(), "quick": args.quick,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "quick": args.quick,
     }
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     if "train" in only:
-        result["train"] = [bench_train(*big, 8 if device.type == "cpu" else 64, reps, device),
-                           bench_train("resnet18", 64, 32, reps, device)]
+        result["train"] = [
+            bench_train(*big, 8 if device.type == "cpu" else 64, reps, device),
+            bench_train("resnet18", 64, 32, reps, device),
+        ]
     if "memory" in only:
-        result["memory"] = [bench_memory(*big, 8 if device.type == "cpu" else 64, device),
-                            bench_memory("resnet18", 64, 32, device)]
+        result["memory"] = [
+            bench_memory(*big, 8 if device.type == "cpu" else 64, device),
+            bench_memory("resnet18", 64, 32, device),
+        ]
     if "eval1" in only:
-        result["eval_batch1"] = bench_eval(*big, 1, reps * 3, device, args.checkpoint,
-                                           "trained-like")
+        result["eval_batch1"] = bench_eval(
+            *big, 1, reps * 3, device, args.checkpoint, "trained-like"
+        )
     if "eval32" in only:
         result["eval_batch32"] = [
             bench_eval(*big, 32, reps, device, args.checkpoint, p)

@@ -28,13 +28,32 @@ from adafilter.report import make_report
 from adafilter.train_config import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ["finetune", "finetune-half", "random-policy", "l2sp", "adafilter", "standard-bn",
-           "cnn-gate"]
+METHODS = [
+    "finetune",
+    "finetune-half",
+    "random-policy",
+    "l2sp",
+    "adafilter",
+    "standard-bn",
+    "cnn-gate",
+]
 SETTINGS = {
-    "cifar": dict(backbone="cifar-resnet20", resolution=32, epochs=10, milestones=[7],
-                  batch_size=64, gate_backbone="cifar-resnet20"),
-    "lite0": dict(backbone="efficientnet-lite0", resolution=64, epochs=6, milestones=[4],
-                  batch_size=64, gate_backbone="cifar-resnet20"),
+    "cifar": dict(
+        backbone="cifar-resnet20",
+        resolution=32,
+        epochs=10,
+        milestones=[7],
+        batch_size=64,
+        gate_backbone="cifar-resnet20",
+    ),
+    "lite0": dict(
+        backbone="efficientnet-lite0",
+        resolution=64,
+        epochs=6,
+        milestones=[4],
+        batch_size=64,
+        gate_backbone="cifar-resnet20",
+    ),
 }
 
 
@@ -65,17 +84,36 @@ def main() -> None:
                     summaries.append(prev)
                     continue
             cfg = TrainConfig(
-                method=method, dataset="omniglot-small", data_root=args.data_root or "",
-                backbone=s["backbone"], weights="pretrained", out=str(run_dir),
-                epochs=s["epochs"], milestones=s["milestones"], batch_size=s["batch_size"],
-                resolution=s["resolution"], seed=seed, workers=args.workers, device="cpu",
-                gate_backbone=s["gate_backbone"], gate_weights="pretrained", quiet=True,
+                method=method,
+                dataset="omniglot-small",
+                data_root=args.data_root or "",
+                backbone=s["backbone"],
+                weights="pretrained",
+                out=str(run_dir),
+                epochs=s["epochs"],
+                milestones=s["milestones"],
+                batch_size=s["batch_size"],
+                resolution=s["resolution"],
+                seed=seed,
+                workers=args.workers,
+                device="cpu",
+                gate_backbone=s["gate_backbone"],
+                gate_weights="pretrained",
+                quiet=True,
                 resume=(run_dir / "checkpoint.pt").exists(),
             )
             summaries.append(fit(cfg))
-            print(json.dumps({"method": method, "seed": seed,
-                              "final_test_acc": summaries[-1]["final_test_acc"],
-                              "wall_time_s": round(summaries[-1]["wall_time_s"], 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "final_test_acc": summaries[-1]["final_test_acc"],
+                        "wall_time_s": round(summaries[-1]["wall_time_s"], 1),
+                    }
+                ),
+                flush=True,
+            )
     if args.no_report:
         return
     report_dir = RESULTS / f"transfer-{args.setting}"
@@ -85,8 +123,16 @@ def main() -> None:
     tmp = raw.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summaries, indent=1) + "\n")
     os.replace(tmp, raw)
-    print(json.dumps({"setting": args.setting, "runs": len(summaries),
-                      "wall_time_s": round(time.time() - t0, 1), "report": str(rep["report_md"])}))
+    print(
+        json.dumps(
+            {
+                "setting": args.setting,
+                "runs": len(summaries),
+                "wall_time_s": round(time.time() - t0, 1),
+                "report": str(rep["report_md"]),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,14 @@ def _reference(xf, xs, g, bn_f, bn_s, training, min_examples, min_values):
             rv = bn.running_var[ch : ch + 1]
             use_batch = training and rows.numel() >= min_examples and vals.numel() >= min_values
             y[rows, ch : ch + 1] = F.batch_norm(
-                vals, rm, rv, bn.weight[ch : ch + 1], bn.bias[ch : ch + 1],
-                training=use_batch, momentum=bn.momentum, eps=bn.eps,
+                vals,
+                rm,
+                rv,
+                bn.weight[ch : ch + 1],
+                bn.bias[ch : ch + 1],
+                training=use_batch,
+                momentum=bn.momentum,
+                eps=bn.eps,
             )
     return y
 
@@ -76,8 +82,9 @@ def test_masked_statistics_match_reference(case, training):
     bn_f, bn_s = _bns(c)
     ref_f, ref_s = copy.deepcopy(bn_f), copy.deepcopy(bn_s)
     bn_f.train(training), bn_s.train(training)
-    y = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=training,
-                         min_examples=min_ex, min_values=min_val)
+    y = gated_batch_norm(
+        xf, xs, g, bn_f, bn_s, training=training, min_examples=min_ex, min_values=min_val
+    )
     y_ref = _reference(xf, xs, g, ref_f, ref_s, training, min_ex, min_val)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     # running statistics: updated from the routed examples only, untouched otherwise
@@ -102,8 +109,9 @@ def test_gradients_match_autograd_reference(case):
     dy = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
     bn_f, bn_s = (m.double() for m in _bns(c))
     ref_f, ref_s = copy.deepcopy(bn_f), copy.deepcopy(bn_s)
-    y = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=True,
-                         min_examples=min_ex, min_values=min_val)
+    y = gated_batch_norm(
+        xf, xs, g, bn_f, bn_s, training=True, min_examples=min_ex, min_values=min_val
+    )
     grads = torch.autograd.grad(y, [xf, xs, bn_f.weight, bn_f.bias, bn_s.weight, bn_s.bias], dy)
     y_ref = _reference(xf, xs, g, ref_f, ref_s, True, min_ex, min_val)
     refs = torch.autograd.grad(
@@ -172,4 +180,3 @@ def test_variance_is_numerically_stable_for_large_offsets():
     y = gated_batch_norm(xf, xf.clone(), g, bn_f, bn_s, training=True)
     want = F.batch_norm(xf.double(), None, None, training=True, eps=1e-5).float()
     torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
-

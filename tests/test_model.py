@@ -22,14 +22,20 @@ class DepthwiseNet(nn.Module):
         def cbr(cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1) -> nn.Sequential:
             return nn.Sequential(
                 nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
-                nn.BatchNorm2d(cout), nn.ReLU6(inplace=True),
+                nn.BatchNorm2d(cout),
+                nn.ReLU6(inplace=True),
             )
 
         self.stem = cbr(3, 16, 3, 2)
-        self.block1 = nn.Sequential(cbr(16, 16, 3, 1, groups=16),
-                                    nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
-        self.block2 = nn.Sequential(cbr(8, 32), cbr(32, 32, 3, 2, groups=32),
-                                    nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.block1 = nn.Sequential(
+            cbr(16, 16, 3, 1, groups=16), nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+        )
+        self.block2 = nn.Sequential(
+            cbr(8, 32),
+            cbr(32, 32, 3, 2, groups=32),
+            nn.Conv2d(32, 16, 1, bias=False),
+            nn.BatchNorm2d(16),
+        )
         self.head = nn.Conv2d(16, 32, 1)  # conv with bias and no BN: not gated
         self.fc = nn.Linear(32, num_classes)
 
@@ -87,9 +93,10 @@ def test_wrapped_equals_original_at_init_in_every_mode(name, gated_bn):
 
 
 def test_finds_pairs_and_respects_target_and_exclude_patterns():
-    model = wrap(_build("resnet18"), AdaFilterConfig(
-        target_modules=[r"layer[34]\..*"], exclude_modules=[r".*downsample.*"]
-    ))
+    model = wrap(
+        _build("resnet18"),
+        AdaFilterConfig(target_modules=[r"layer[34]\..*"], exclude_modules=[r".*downsample.*"]),
+    )
     names = model.gated_layer_names
     assert names[0] == "layer3.0.conv1" and "layer4.1.conv2" in names
     assert not any("downsample" in n or n.startswith(("layer1", "layer2")) for n in names)
@@ -101,8 +108,16 @@ def test_finds_pairs_and_respects_target_and_exclude_patterns():
     assert isinstance(dw.model.head, nn.Conv2d)  # conv without BN stays plain
 
 
-def _train_steps(model: AdaFilterModel, steps: int, *, lr: float = 0.01, seed: int = 0,
-                 batch: int = 8, size: int = 32, classes: int = 10) -> list[torch.Tensor]:
+def _train_steps(
+    model: AdaFilterModel,
+    steps: int,
+    *,
+    lr: float = 0.01,
+    seed: int = 0,
+    batch: int = 8,
+    size: int = 32,
+    classes: int = 10,
+) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.param_groups(lr=lr, gate_lr=10 * lr), momentum=0.9)
     model.train()
@@ -120,11 +135,14 @@ def _train_steps(model: AdaFilterModel, steps: int, *, lr: float = 0.01, seed: i
     return losses
 
 
-@pytest.mark.parametrize("cfg", [
-    AdaFilterConfig(),
-    AdaFilterConfig(gated_bn=False),
-    AdaFilterConfig(ste="sigmoid", gate_bias_init=0.5),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AdaFilterConfig(),
+        AdaFilterConfig(gated_bn=False),
+        AdaFilterConfig(ste="sigmoid", gate_bias_init=0.5),
+    ],
+)
 @pytest.mark.parametrize("name", ["resnet18", "depthwise"])
 def test_training_freezes_S_and_reaches_every_trainable_parameter(name, cfg):
     model = wrap(_build(name), cfg)
@@ -150,8 +168,10 @@ def test_training_freezes_S_and_reaches_every_trainable_parameter(name, cfg):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n  # S bit-identical
-    assert any(not torch.equal(layer.conv_f.weight, layer.conv_s.weight)
-               for layer in model.gated_layers().values())
+    assert any(
+        not torch.equal(layer.conv_f.weight, layer.conv_s.weight)
+        for layer in model.gated_layers().values()
+    )
 
 
 @pytest.mark.parametrize("ste", ["identity", "sigmoid"])
@@ -259,8 +279,9 @@ def test_learned_eval_is_deterministic_and_random_mode_is_seeded():
 
 
 def test_cnn_gate_trains_and_predicts_all_layers():
-    feats = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten())
+    feats = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
     model = wrap(_build("depthwise"), AdaFilterConfig(gate="cnn"), gate_network=(feats, 8))
     model.train()
     out = model(torch.randn(4, 3, 32, 32))
@@ -290,8 +311,10 @@ def test_resnet50_parameter_ratio(capsys):
     counts = model.parameter_counts()
     ratio = counts["total"] / plain
     with capsys.disabled():
-        print(f"\n[param-ratio] resnet50 plain={plain:,} adafilter={counts['total']:,} "
-              f"(gate {counts['gate']:,}) ratio={ratio:.2f}x")
+        print(
+            f"\n[param-ratio] resnet50 plain={plain:,} adafilter={counts['total']:,} "
+            f"(gate {counts['gate']:,}) ratio={ratio:.2f}x"
+        )
     assert 1.9 < ratio < 2.6
 
 
@@ -302,8 +325,10 @@ def test_three_sgd_steps_stay_finite_and_on_scale(name):
     plain = copy.deepcopy(base)
     model = wrap(base)
     gen = torch.Generator().manual_seed(0)
-    data = [(torch.randn(8, 3, 64, 64, generator=gen), torch.randint(0, 10, (8,), generator=gen))
-            for _ in range(3)]
+    data = [
+        (torch.randn(8, 3, 64, 64, generator=gen), torch.randint(0, 10, (8,), generator=gen))
+        for _ in range(3)
+    ]
     opt = torch.optim.SGD(model.param_groups(lr=0.01, gate_lr=0.1), momentum=0.9)
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
     model.train(), plain.train()

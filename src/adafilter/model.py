@@ -87,8 +87,10 @@ def find_conv_bn_pairs(model: nn.Module, example_input: Tensor) -> list[tuple[st
     are paired; see :func:`conv_execution_order` for how pairs are traced.
     """
     return [
-        (c, b) for c, b in conv_execution_order(model, example_input)
-        if b is not None and type(model.get_submodule(c)) is nn.Conv2d
+        (c, b)
+        for c, b in conv_execution_order(model, example_input)
+        if b is not None
+        and type(model.get_submodule(c)) is nn.Conv2d
         and type(model.get_submodule(b)) is nn.BatchNorm2d
     ]
 
@@ -167,8 +169,12 @@ class AdaFilterModel(nn.Module):
             conv = model.get_submodule(conv_name)
             bn = model.get_submodule(bn_name)
             layer = GatedConv2dBN(
-                conv, bn, index=index, gated_bn=config.gated_bn,
-                bn_min_examples=config.bn_min_examples, bn_min_values=config.bn_min_values,
+                conv,
+                bn,
+                index=index,
+                gated_bn=config.gated_bn,
+                bn_min_examples=config.bn_min_examples,
+                bn_min_values=config.bn_min_values,
                 fast_eval=config.fast_eval,
             )
             _replace_module(model, conv_name, layer)
@@ -181,8 +187,11 @@ class AdaFilterModel(nn.Module):
         self.gate: nn.Module
         if config.gate == "lstm":
             self.gate = RecurrentGate(
-                in_ch, self.layer_out_channels, embed_dim=config.embed_dim,
-                hidden_dim=config.hidden_dim, bias_init=config.gate_bias_init,
+                in_ch,
+                self.layer_out_channels,
+                embed_dim=config.embed_dim,
+                hidden_dim=config.hidden_dim,
+                bias_init=config.gate_bias_init,
                 detach_input=not config.gate_input_grad,
             )
         else:
@@ -251,8 +260,13 @@ class AdaFilterModel(nn.Module):
         ]
         for grp in groups:
             n = sum(p.numel() for p in grp["params"])
-            logger.info("param group %-8s %4d tensors %12s parameters lr %g",
-                        grp["name"], len(grp["params"]), f"{n:,}", grp["lr"])
+            logger.info(
+                "param group %-8s %4d tensors %12s parameters lr %g",
+                grp["name"],
+                len(grp["params"]),
+                f"{n:,}",
+                grp["lr"],
+            )
         return groups
 
     def parameter_counts(self) -> dict[str, int]:
@@ -313,7 +327,8 @@ def wrap(
         except StopIteration:
             example_input = torch.zeros(1, 3, 64, 64)
     pairs = [
-        (c, b) for c, b in find_conv_bn_pairs(model, example_input)
+        (c, b)
+        for c, b in find_conv_bn_pairs(model, example_input)
         if (config.target_modules is None or _matches(c, config.target_modules))
         and not _matches(c, config.exclude_modules)
     ]

@@ -43,8 +43,15 @@ class _BranchStats:
 
     __slots__ = ("mean", "rstd", "scale", "shift", "use_batch", "count")
 
-    def __init__(self, mean: Tensor, rstd: Tensor, scale: Tensor, shift: Tensor,
-                 use_batch: Tensor, count: Tensor) -> None:
+    def __init__(
+        self,
+        mean: Tensor,
+        rstd: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        use_batch: Tensor,
+        count: Tensor,
+    ) -> None:
         self.mean, self.rstd, self.scale, self.shift = mean, rstd, scale, shift
         self.use_batch, self.count = use_batch, count
 
@@ -76,8 +83,16 @@ def _per_example_sums(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         zeros = x.new_zeros(b * c)
         ones = x.new_ones(b * c)
         _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
-            dy.reshape(1, b * c, h, w), x.reshape(1, b * c, h, w), None, None, None,
-            zeros, ones, True, 0.0, [False, True, True],
+            dy.reshape(1, b * c, h, w),
+            x.reshape(1, b * c, h, w),
+            None,
+            None,
+            None,
+            zeros,
+            ones,
+            True,
+            0.0,
+            [False, True, True],
         )
         return s_dy.view(b, c), s_dyx.view(b, c)
     return dy.sum((2, 3)), torch.einsum("bchw,bchw->bc", dy, x)
@@ -151,8 +166,9 @@ def _branch_backward(
     return mask * st.scale, mask * k2, mask * k3, dgamma, dbeta
 
 
-def _policy_grad(sf: _BranchStats, ss: _BranchStats, sum_dy: Tensor, pf: Tensor,
-                 ps: Tensor) -> Tensor:
+def _policy_grad(
+    sf: _BranchStats, ss: _BranchStats, sum_dy: Tensor, pf: Tensor, ps: Tensor
+) -> Tensor:
     """Eq. 5 differentiated w.r.t. G: ``sum_hw dy * (y_F - y_S)``, (B, C)."""
     return sf.scale * pf + sf.shift * sum_dy - ss.scale * ps - ss.shift * sum_dy
 
@@ -160,8 +176,17 @@ def _policy_grad(sf: _BranchStats, ss: _BranchStats, sum_dy: Tensor, pf: Tensor,
 class _GatedBNFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xf: Tensor, xs: Tensor, g: Tensor, wf: Tensor, bf: Tensor, ws: Tensor,
-        bs: Tensor, z: Tensor, sf: _BranchStats, ss: _BranchStats,
+        ctx: Any,
+        xf: Tensor,
+        xs: Tensor,
+        g: Tensor,
+        wf: Tensor,
+        bf: Tensor,
+        ws: Tensor,
+        bs: Tensor,
+        z: Tensor,
+        sf: _BranchStats,
+        ss: _BranchStats,
     ) -> Tensor:
         ctx.save_for_backward(xf, xs, g)
         ctx.stats = (sf, ss)
@@ -232,5 +257,6 @@ def gated_batch_norm(
     stats = _per_example_stats(z) if training else None
     sf = _branch_stats(stats, hw, mask, bn_f, min_examples, min_values)
     ss = _branch_stats(stats, hw, 1.0 - mask, bn_s, min_examples, min_values)
-    return _GatedBNFunction.apply(xf, xs, g, *_affine(bn_f, sf.mean), *_affine(bn_s, ss.mean),
-                                  z, sf, ss)
+    return _GatedBNFunction.apply(
+        xf, xs, g, *_affine(bn_f, sf.mean), *_affine(bn_s, ss.mean), z, sf, ss
+    )

@@ -134,8 +134,14 @@ class GatedConv2dBN(nn.Module):
         xs = self._conv(x, self.conv_s.weight, self.conv_s.bias)  # (B, C, H', W')
         if self.gated_bn:
             return gated_batch_norm(
-                xf, xs, g, self.bn_f, self.bn_s, training=self.training,
-                min_examples=self.bn_min_examples, min_values=self.bn_min_values,
+                xf,
+                xs,
+                g,
+                self.bn_f,
+                self.bn_s,
+                training=self.training,
+                min_examples=self.bn_min_examples,
+                min_values=self.bn_min_values,
             )
         gate = g.to(xf.dtype)[:, :, None, None]  # (B, C, 1, 1)
         return self.bn(xs + gate * (xf - xs))  # Eq. 1, then one standard BN
@@ -177,8 +183,9 @@ class GatedConv2dBN(nn.Module):
         if self.conv_s.groups > 1:
             # A filter subset of a grouped conv would need its input channels regathered too;
             # grouped (depthwise) convs are cheap, so compute both and select.
-            return torch.where(sel[:, :, None, None], self._conv(x, w_f, b_f),
-                               self._conv(x, w_s, b_s))
+            return torch.where(
+                sel[:, :, None, None], self._conv(x, w_f, b_f), self._conv(x, w_s, b_s)
+            )
         idx_f = need_f.nonzero().squeeze(1)
         idx_s = need_s.nonzero().squeeze(1)
         n_f = idx_f.numel()
@@ -216,12 +223,20 @@ class GatedConv2dBN(nn.Module):
         changed = (sel != prev).nonzero().squeeze(1)
         if changed.numel():
             take_f = sel.index_select(0, changed)
-            w.index_copy_(0, changed, torch.where(
-                take_f.view(-1, 1, 1, 1), w_f.index_select(0, changed), w_s.index_select(0, changed)
-            ))
-            b.index_copy_(0, changed, torch.where(
-                take_f, b_f.index_select(0, changed), b_s.index_select(0, changed)
-            ))
+            w.index_copy_(
+                0,
+                changed,
+                torch.where(
+                    take_f.view(-1, 1, 1, 1),
+                    w_f.index_select(0, changed),
+                    w_s.index_select(0, changed),
+                ),
+            )
+            b.index_copy_(
+                0,
+                changed,
+                torch.where(take_f, b_f.index_select(0, changed), b_s.index_select(0, changed)),
+            )
             prev.copy_(sel)
         return w, b
 
