@@ -1,0 +1,99 @@
+"""`adafilter demo`: trains each method, writes the report, resumes, explains a Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adafilter.cli import main
+
+from test_engine import make_imagefolder, tiny  # noqa: F401  (fixture)
+
+
+def _demo_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "demo",
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny-cnn",
+        "--weights",
+        "none",
+        "--dataset",
+        "imagefolder",
+        "--data-root",
+        str(data),
+        "--epochs",
+        "2",
+        "--milestones",
+        "1",
+        "--resolution",
+        "16",
+        "--batch-size",
+        "4",
+        "--subset-per-class",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_demo_trains_both_methods_and_reports(tiny, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "demo"
+    assert main(_demo_args(tiny["data"], out)) == 0
+    printed = capsys.readouterr().out
+    assert "| finetune |" in printed and "| adafilter |" in printed
+    assert "report.html" in printed
+    for method in ("finetune", "adafilter"):
+        summary = json.loads((out / "runs" / method / "summary.json").read_text())
+        assert summary["completed"] and summary["epochs"] == 2
+    assert (out / "runs" / "adafilter" / "policy.json").exists()
+    for name in ("report.md", "report.html", "accuracy.png", "policy.png"):
+        assert (out / "report" / name).stat().st_size > 0
+    # a second call reuses the finished runs instead of training again
+    assert main(_demo_args(tiny["data"], out)) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_demo_interrupted_says_what_is_done_and_resumes(
+    tiny,
+    tmp_path,
+    capsys,  # noqa: F811
+    monkeypatch,
+):
+    import adafilter.engine as engine
+
+    real_fit = engine.fit
+    calls = {"n": 0}
+
+    def flaky_fit(config):
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C during the second method
+            raise KeyboardInterrupt
+        return real_fit(config)
+
+    monkeypatch.setattr(engine, "fit", flaky_fit)
+    out = tmp_path / "demo"
+    assert main(_demo_args(tiny["data"], out)) == 130
+    err = capsys.readouterr().err
+    assert "Complete: finetune" in err and "not complete: adafilter" in err
+    assert str(out) in err and not (out / "report").exists()
+    monkeypatch.setattr(engine, "fit", real_fit)
+    assert main(_demo_args(tiny["data"], out)) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert json.loads((out / "runs" / "adafilter" / "summary.json").read_text())["completed"]
+
+
+def test_demo_help_lists_the_knobs(capsys):
+    with pytest.raises(SystemExit):
+        from adafilter.cli import build_parser
+
+        build_parser().parse_args(["demo", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--backbone", "--dataset", "--methods", "--epochs", "--weights"):
+        assert flag in text
