@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from adafilter.cli import main
+from test_engine import install_plugin, make_imagefolder, uninstall_plugin
 
-from test_engine import make_imagefolder, tiny  # noqa: F401  (fixture)
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    base = tmp_path_factory.mktemp("demo")
+    install_plugin(base / "plugin")  # registers the tiny-cnn backbone
+    yield {"data": make_imagefolder(base / "data")}
+    uninstall_plugin()
 
 
 def _demo_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -43,7 +51,7 @@ def _demo_args(data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_demo_trains_both_methods_and_reports(tiny, tmp_path, capsys):  # noqa: F811
+def test_demo_trains_both_methods_and_reports(tiny, tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(_demo_args(tiny["data"], out)) == 0
     printed = capsys.readouterr().out
@@ -63,7 +71,7 @@ def test_demo_trains_both_methods_and_reports(tiny, tmp_path, capsys):  # noqa: 
 def test_demo_interrupted_says_what_is_done_and_resumes(
     tiny,
     tmp_path,
-    capsys,  # noqa: F811
+    capsys,
     monkeypatch,
 ):
     import adafilter.engine as engine
