@@ -105,3 +105,19 @@ def test_demo_help_lists_the_knobs(capsys):
     text = capsys.readouterr().out
     for flag in ("--backbone", "--dataset", "--methods", "--epochs", "--weights"):
         assert flag in text
+
+
+def test_demo_with_resnet50_and_a_weights_file(tiny, tmp_path, capsys):
+    """A user with their own ImageNet ResNet-50 state_dict runs the demo with --weights FILE."""
+    import torch
+    import torchvision
+
+    weights = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    out = tmp_path / "demo"
+    args = _demo_args(tiny["data"], out, "--epochs", "1", "--milestones", "1")
+    args[args.index("tiny-cnn")] = "resnet50"
+    args[args.index("none")] = str(weights)
+    assert main(args) == 0
+    summary = json.loads((out / "runs" / "adafilter" / "summary.json").read_text())
+    assert summary["backbone"] == "resnet50" and summary["completed"]
