@@ -29,8 +29,11 @@ class AdaFilterConfig:
         ste: Straight-through estimator. ``"identity"`` passes dE/dG unchanged to the
             sigmoid's input (the paper's Eq. 2); ``"sigmoid"`` multiplies it by the
             sigmoid's derivative.
-        gate_bias_init: Initial bias of every policy head; positive values start the policy
-            closer to "fine-tune everything". 0 gives a ~50/50 start.
+        gate_bias_init: Initial bias of each policy head. The paper does not give
+            it. 3.0 (default) starts with almost every filter fine-tuned, i.e. close to
+            standard fine-tuning, and lets the gate move filters to S; 0.0 starts near a
+            random 50/50 policy, which learned much more slowly in short runs (EfficientNet-Lite0
+            on Fashion-MNIST, 5 epochs: 46.4% with 0.0, 63.5% with 3.0, fine-tuning 52.4%).
         gate_input_grad: Let the gate's gradient flow into the backbone activations it pools.
             Off by default: with it on, the straight-through gradient fed back through 50+
             layers grew without bound within 3 epochs (EfficientNet-Lite0 on Fashion-MNIST,
@@ -55,7 +58,7 @@ class AdaFilterConfig:
     embed_dim: int = 64
     hidden_dim: int = 64
     ste: SteKind = "identity"
-    gate_bias_init: float = 0.0
+    gate_bias_init: float = 3.0
     gate_input_grad: bool = False
     gated_bn: bool = True
     bn_min_examples: int = 2
