@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--data-root", default=None, help="omniglot-small zip or folder")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-report", action="store_true", help="only train (parallel streams)")
+    ap.add_argument(
+        "--report-only", action="store_true", help="train nothing; report the completed runs found"
+    )
     ap.add_argument("--out", default=str(RESULTS / "transfer"))
     args = ap.parse_args()
     s = dict(SETTINGS[args.setting])
@@ -74,7 +77,7 @@ def main() -> None:
     root = Path(args.out) / args.setting
     summaries = []
     t0 = time.time()
-    for seed in [int(x) for x in args.seeds.split(",")]:
+    for seed in [] if args.report_only else [int(x) for x in args.seeds.split(",")]:
         for method in [m for m in args.methods.split(",") if m]:
             run_dir = root / f"{method}-s{seed}"
             done = run_dir / "summary.json"
@@ -117,7 +120,13 @@ def main() -> None:
     if args.no_report:
         return
     report_dir = RESULTS / f"transfer-{args.setting}"
-    rep = make_report([root], report_dir, title=f"Transfer benchmark: {args.setting}")
+    if args.report_only:  # every completed run of this schedule; unfinished ones are left out
+        for done in sorted(root.glob("*/summary.json")):
+            prev = json.loads(done.read_text())
+            if prev.get("completed") and prev.get("epochs") == s["epochs"]:
+                summaries.append(prev)
+    runs = sorted({Path(x["config"]["out"]) for x in summaries})
+    rep = make_report(runs, report_dir, title=f"Transfer benchmark: {args.setting}")
     shutil.copyfile(rep["report_md"], RESULTS / f"transfer-{args.setting}.md")
     raw = RESULTS / f"transfer-{args.setting}.json"
     tmp = raw.with_suffix(".json.tmp")
