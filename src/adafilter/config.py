@@ -29,11 +29,11 @@ class AdaFilterConfig:
         ste: Straight-through estimator. ``"identity"`` passes dE/dG unchanged to the
             sigmoid's input (the paper's Eq. 2); ``"sigmoid"`` multiplies it by the
             sigmoid's derivative.
-        gate_bias_init: Initial bias of each policy head. The paper does not give
-            it. 3.0 (default) starts with almost every filter fine-tuned, i.e. close to
-            standard fine-tuning, and lets the gate move filters to S; 0.0 starts near a
-            random 50/50 policy, which learned much more slowly in short runs (EfficientNet-Lite0
-            on Fashion-MNIST, 5 epochs: 46.4% with 0.0, 63.5% with 3.0, fine-tuning 52.4%).
+        gate_bias_init: Initial bias of each policy head. The paper does not give it. 3.0
+            (default) starts with almost every filter fine-tuned, i.e. as standard fine-tuning,
+            and lets the gate move filters to S. 0.0 starts near a random 50/50 policy, which
+            learned as slowly as the random-policy baseline in the transfer benchmark (see
+            the README's Benchmarks section).
         gate_input_grad: Let the gate's gradient flow into the backbone activations it pools.
             Off by default: with it on, the straight-through gradient fed back through 50+
             layers grew without bound within 3 epochs (EfficientNet-Lite0 on Fashion-MNIST,
