@@ -50,10 +50,11 @@ def _sync(device: torch.device) -> None:
 
 
 def _interleaved(
-    fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int = 1
+    fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int | None = None
 ) -> dict[str, float]:
     """Median seconds of each fn, repetitions interleaved (a, b, a, b, ...)."""
-    for _ in range(warmup):
+    # CUDA: a few warm-up calls keep cuDNN's algorithm search and allocator growth out
+    for _ in range(warmup if warmup is not None else (3 if device.type == "cuda" else 1)):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -77,7 +78,9 @@ def _build(arch: str, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def _train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def _train_step_fn(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None = None
+) -> Callable[[], None]:
     if isinstance(model, AdaFilterModel):
         groups = model.param_groups(lr=0.01, gate_lr=0.1)
     else:
@@ -86,7 +89,8 @@ def _train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callab
     model.train()
 
     def step() -> None:
-        loss = nn.functional.cross_entropy(model(x), y)
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -94,14 +98,24 @@ def _train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callab
     return step
 
 
-def bench_train(arch: str, res: int, batch: int, reps: int, device: torch.device) -> dict:
+def bench_train(
+    arch: str,
+    res: int,
+    batch: int,
+    reps: int,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+) -> dict:
     plain = _build(arch, device)
     ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, res, res, generator=gen).to(device)
     y = torch.randint(0, 100, (batch,), generator=gen).to(device)
     med = _interleaved(
-        {"finetune": _train_step_fn(plain, x, y), "adafilter": _train_step_fn(ada, x, y)},
+        {
+            "finetune": _train_step_fn(plain, x, y, amp),
+            "adafilter": _train_step_fn(ada, x, y, amp),
+        },
         reps,
         device,
     )
@@ -109,6 +123,7 @@ def bench_train(arch: str, res: int, batch: int, reps: int, device: torch.device
         "arch": arch,
         "resolution": res,
         "batch": batch,
+        "autocast": str(amp).replace("torch.", "") if amp else "off",
         "median_s": med,
         "ratio": med["adafilter"] / med["finetune"],
     }
@@ -127,7 +142,8 @@ def _memory_child(arch: str, res: int, batch: int, method: str, device: str) -> 
     x = torch.randn(batch, 3, res, res, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
     step = _train_step_fn(model, x, y)
-    before = _status_kb("VmRSS") * 1024  # model + inputs, before any activation
+    # model + inputs, before any activation
+    before = torch.cuda.memory_allocated() if dev.type == "cuda" else _status_kb("VmRSS") * 1024
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
@@ -292,6 +308,11 @@ def main() -> None:
             bench_train(*big, 8 if device.type == "cpu" else 64, reps, device),
             bench_train("resnet18", 64, 32, reps, device),
         ]
+        if device.type == "cuda":  # what a GPU user runs: bf16 autocast
+            result["train"] += [
+                bench_train(*big, 64, reps, device, torch.bfloat16),
+                bench_train("resnet18", 64, 32, reps, device, torch.bfloat16),
+            ]
     if "memory" in only:
         result["memory"] = [
             bench_memory(*big, 8 if device.type == "cpu" else 64, device),

@@ -1,4 +1,8 @@
-"""DDP: two CPU processes under torchrun (gloo) train, evaluate exactly and write files once."""
+"""DDP: two processes under torchrun train, evaluate exactly and write files once.
+
+On CPU (Gloo) always; on one CUDA GPU (two ranks sharing it, through Gloo since NCCL refuses
+two ranks on one device, with bf16 autocast) where a GPU is present.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from test_engine import (
     install_plugin,
@@ -25,9 +30,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _on(device: str, argv: list[str]) -> list[str]:
+    """``train_args`` with its ``--device cpu`` replaced."""
+    i = argv.index("--device")
+    return [*argv[: i + 1], device, *argv[i + 2 :]]
+
+
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_torchrun_two_processes(tmp_path: Path, device: str) -> None:
     env = install_plugin(tmp_path / "plugin")
+    extra = ["--epochs", "2"]
+    if device == "cuda":
+        env["ADAFILTER_DIST_BACKEND"] = "gloo"
+        extra += ["--amp", "bf16"]
     uninstall_plugin()  # only the subprocesses need it
     data = make_imagefolder(tmp_path / "data", train=4, val=3)
     (data / "val" / "dog" / "2.png").unlink()  # 5 eval images: shards of 3 and 2, no padding
@@ -44,7 +69,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
         str(free_port()),
         "-m",
         "adafilter",
-        *train_args(data, out, "adafilter", "--epochs", "2"),
+        *_on(device, train_args(data, out, "adafilter", *extra)),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,6 +80,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows] == [1, 2]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["completed"] and summary["world_size"] == 2
+    assert summary["device"].startswith(device)
     policy = json.loads((out / "policy.json").read_text())
     assert policy["per_class"]["count"] == [3, 2]  # every eval image counted exactly once
     assert sorted(p.name for p in out.iterdir()) == [
@@ -75,7 +101,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
             "--checkpoint",
             str(out / "checkpoint.pt"),
             "--device",
-            "cpu",
+            device,
         ],
         env=env,
         capture_output=True,

@@ -1,7 +1,9 @@
 """Thin DDP helpers: process-group setup from torchrun's environment, exact sharded eval.
 
 Single-process runs never touch ``torch.distributed``; with ``WORLD_SIZE > 1`` (torchrun,
-single or multi node) the group is initialised with NCCL on CUDA and Gloo on CPU.
+single or multi node) the group is initialised with NCCL on CUDA and Gloo on CPU; the
+environment variable ``ADAFILTER_DIST_BACKEND`` overrides that choice (e.g. ``gloo`` to run
+several ranks on one GPU, which NCCL refuses).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+
+BACKEND_ENV = "ADAFILTER_DIST_BACKEND"
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ def init_distributed(device: torch.device) -> DistEnv:
     """
     env = env_from_environ()
     if env.enabled and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = os.environ.get(BACKEND_ENV) or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend)
     return env
 

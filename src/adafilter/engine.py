@@ -345,14 +345,19 @@ def evaluate(
 
 
 def resolve_device(name: str, env: DistEnv) -> torch.device:
-    """``auto``/``cpu``/``cuda``/``cuda:N`` -> a device (under DDP: ``cuda:LOCAL_RANK``)."""
+    """``auto``/``cpu``/``cuda``/``cuda:N`` -> a device.
+
+    Under DDP each rank takes ``cuda:LOCAL_RANK`` (modulo the GPUs present, so several ranks
+    may share a GPU when the process group's backend allows it, e.g. Gloo).
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise AdaFilterError(f"--device {name} requested but CUDA is not available")
         if env.enabled or name == "cuda":
-            device = torch.device("cuda", env.local_rank if env.enabled else 0)
+            index = env.local_rank % torch.cuda.device_count() if env.enabled else 0
+            device = torch.device("cuda", index)
         else:
             device = torch.device(name)
         torch.cuda.set_device(device)

@@ -56,6 +56,11 @@ class _BranchStats:
         self.use_batch, self.count = use_batch, count
 
 
+def _low(x: Tensor) -> bool:
+    """Half/bfloat16 activations (autocast): statistics are then kept in float32."""
+    return x.dtype in (torch.float16, torch.bfloat16)
+
+
 def _per_example_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of every (example, channel) plane of ``x`` (B, C, H, W).
 
@@ -65,10 +70,10 @@ def _per_example_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     b, c, h, w = x.shape
     if x.device.type == "cpu":
-        flat = x.reshape(1, b * c, h, w)
+        flat = x.float().reshape(1, b * c, h, w) if _low(x) else x.reshape(1, b * c, h, w)
         mean, var = torch.ops.aten.batch_norm_update_stats(flat, None, None, 0.0)
         return mean.view(b, c), var.view(b, c)
-    var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
+    var, mean = torch.var_mean(x.float() if _low(x) else x, dim=(2, 3), correction=0)
     return mean, var
 
 
@@ -80,6 +85,8 @@ def _per_example_sums(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """
     b, c, h, w = x.shape
     if x.device.type == "cpu":
+        if _low(x):
+            dy, x = dy.float(), x.float()
         zeros = x.new_zeros(b * c)
         ones = x.new_ones(b * c)
         _, s_dyx, s_dy = torch.ops.aten.native_batch_norm_backward(
@@ -95,6 +102,8 @@ def _per_example_sums(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
             [False, True, True],
         )
         return s_dy.view(b, c), s_dyx.view(b, c)
+    if _low(x):  # autocast: accumulate in float32
+        return dy.sum((2, 3), dtype=torch.float32), (dy * x).sum((2, 3), dtype=torch.float32)
     return dy.sum((2, 3)), torch.einsum("bchw,bchw->bc", dy, x)
 
 
@@ -191,8 +200,8 @@ class _GatedBNFunction(torch.autograd.Function):
         ctx.save_for_backward(xf, xs, g)
         ctx.stats = (sf, ss)
         sel = g > 0.5
-        scale = torch.where(sel, sf.scale, ss.scale)[:, :, None, None]  # (B, C, 1, 1)
-        shift = torch.where(sel, sf.shift, ss.shift)[:, :, None, None]
+        scale = torch.where(sel, sf.scale, ss.scale)[:, :, None, None].to(z.dtype)  # (B, C, 1, 1)
+        shift = torch.where(sel, sf.shift, ss.shift)[:, :, None, None].to(z.dtype)
         return torch.addcmul(shift, z, scale)  # Eq. 5, z = Eq. 1's selection
 
     @staticmethod
@@ -203,13 +212,15 @@ class _GatedBNFunction(torch.autograd.Function):
         a, pf = _per_example_sums(dy, xf)  # (B, C): sum_hw dy, sum_hw dy * xf
         _, ps = _per_example_sums(dy, xs)
         grads = []
-        for x, p, mask, st in ((xf, pf, g, sf), (xs, ps, 1.0 - g, ss)):
+        mask_f = g.to(a.dtype)  # statistics dtype (float32 under autocast)
+        for x, p, mask, st in ((xf, pf, mask_f, sf), (xs, ps, 1.0 - mask_f, ss)):
             k1, k2, k3, dgamma, dbeta = _branch_backward(st, mask, a, p)
-            dx = torch.addcmul(k3[:, :, None, None], dy, k1[:, :, None, None])
-            dx.addcmul_(x, k2[:, :, None, None])
+            k1, k2, k3 = (k[:, :, None, None].to(dy.dtype) for k in (k1, k2, k3))
+            dx = torch.addcmul(k3, dy, k1)
+            dx.addcmul_(x, k2)
             grads.append((dx, dgamma, dbeta))
         (dxf, dwf, dbf), (dxs, dws, dbs) = grads
-        dg = _policy_grad(sf, ss, a, pf, ps) if ctx.needs_input_grad[2] else None
+        dg = _policy_grad(sf, ss, a, pf, ps).to(g.dtype) if ctx.needs_input_grad[2] else None
         return dxf, dxs, dg, dwf, dbf, dws, dbs, None, None, None
 
 
@@ -248,7 +259,8 @@ def gated_batch_norm(
     if xf.shape != xs.shape or xf.dim() != 4:
         raise ValueError(f"xf, xs must be equal (B, C, H, W) tensors, got {xf.shape}, {xs.shape}")
     g = g.to(xf.dtype)
-    mask = g.detach()
+    # Statistics in float32 under autocast (half-precision sums lose BN's accuracy).
+    mask = g.detach().to(torch.float32 if _low(xf) else xf.dtype)
     hw = xf.shape[2] * xf.shape[3]
     with torch.no_grad():
         z = torch.where(mask[:, :, None, None] > 0.5, xf, xs)  # (B, C, H, W): Eq. 1

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One-call check on a CUDA machine (no install: uses its python3 with torch + src/ on the path).
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+# 1) the CUDA cases of the test suite (gated BN vs float64, autocast fp16/bf16, fast == dual
+#    path, torchrun with two ranks on the GPU); 2) benchmarks/speed.py on the GPU.
+# Logs and benchmarks/results/speed-cuda.json are copied to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/adafilter-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
+status=0
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py \
+  "tests/test_distributed.py::test_torchrun_two_processes[cuda]" 2>&1 | tee "$OUT/pytest.log" | tail -15 || status=1
+timeout 300 python3 benchmarks/speed.py --device cuda --reps "${REPS:-20}" > "$OUT/speed.log" 2>&1 || status=1
+tail -3 "$OUT/speed.log"
+cp benchmarks/results/speed-cuda.json "$OUT/" 2>/dev/null
+python3 - "$OUT/speed-cuda.json" <<'PY' || status=1
+import json, sys
+r = json.load(open(sys.argv[1]))
+for t in r["train"]:
+    print(f"train {t['arch']}@{t['resolution']} b{t['batch']} {t['autocast']}: {t['ratio']:.2f}x")
+for m in r["memory"]:
+    print(f"memory {m['arch']} b{m['batch']}: {m['ratio']:.2f}x")
+e = r["eval_batch1"]
+print(f"eval b1: fast {e['fast_vs_plain']:.2f}x dual {e['dual_vs_plain']:.2f}x")
+for e in r["eval_batch32"]:
+    print(f"eval b32 {e['policy']}: fast {e['fast_vs_plain']:.2f}x dual {e['dual_vs_plain']:.2f}x")
+PY
+exit $status
