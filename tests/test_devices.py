@@ -109,7 +109,8 @@ def _step(
     """One SGD step under autocast ``amp`` (``None``: float32); returns the float logits."""
     model.train()
     opt = torch.optim.SGD(model.param_groups(lr=0.01, gate_lr=0.1), momentum=0.9)
-    scaler = torch.amp.GradScaler(device) if amp == torch.float16 else None
+    # fp16: a moderate loss scale, so this one step is not skipped for overflow
+    scaler = torch.amp.GradScaler(device, init_scale=128.0) if amp == torch.float16 else None
     with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
         out = model(x)
         loss = nn.functional.cross_entropy(out, y)
@@ -163,7 +164,8 @@ def test_autocast_training_step_is_close_to_float32(device: str, dtype: torch.dt
 def test_cuda_wrapped_equals_original_and_fast_equals_dual(gated_bn: bool) -> None:
     base = _tiny_resnet()
     ref = copy.deepcopy(base).cuda().eval()
-    model = wrap(base, AdaFilterConfig(gated_bn=gated_bn)).cuda()
+    model = wrap(base.cuda(), AdaFilterConfig(gated_bn=gated_bn))  # wrapped on the GPU
+    assert all(t.is_cuda for t in [*model.parameters(), *model.buffers()])
     x = torch.randn(4, 3, 32, 32, device="cuda")
     torch.backends.cudnn.allow_tf32 = False  # exact float32 convs for the comparison
     try:

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-
 BACKEND_ENV = "ADAFILTER_DIST_BACKEND"
 
 

@@ -199,6 +199,10 @@ class AdaFilterModel(nn.Module):
             self.gate = CNNGate(
                 features, dim, self.layer_out_channels, bias_init=config.gate_bias_init
             )
+        # A model wrapped on the GPU gets its gate there too (the copies F already are).
+        first = next(model.parameters(), None)
+        if first is not None:
+            self.gate.to(first.device)
         self.policy_mode = "learned"
         self.random_p = config.random_p
         self._generator = torch.Generator().manual_seed(0)
