@@ -105,9 +105,17 @@ def bench_train(
     reps: int,
     device: torch.device,
     amp: torch.dtype | None = None,
+    policy: str = "init",
 ) -> dict:
+    """Training step time. ``policy``: ``init`` (the gate as initialised: bias 3, every
+    filter from F), ``trained-like`` (most filters' choice fixed, ~20% input-dependent) or
+    ``random`` (random-policy mode, p=0.5: every filter needed from both branches)."""
     plain = _build(arch, device)
     ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
+    if policy == "trained-like":
+        _make_trained_like(ada)
+    elif policy == "random":
+        ada.set_policy_mode("random", seed=0)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, res, res, generator=gen).to(device)
     y = torch.randint(0, 100, (batch,), generator=gen).to(device)
@@ -124,8 +132,10 @@ def bench_train(
         "resolution": res,
         "batch": batch,
         "autocast": str(amp).replace("torch.", "") if amp else "off",
+        "policy": policy,
         "median_s": med,
         "ratio": med["adafilter"] / med["finetune"],
+        **_policy_stats(ada),
     }
 
 
@@ -304,13 +314,14 @@ def main() -> None:
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     if "train" in only:
+        big_batch = 8 if device.type == "cpu" else 64
         result["train"] = [
-            bench_train(*big, 8 if device.type == "cpu" else 64, reps, device),
-            bench_train("resnet18", 64, 32, reps, device),
-        ]
+            bench_train(*big, big_batch, reps, device, policy=p)
+            for p in ("init", "trained-like", "random")
+        ] + [bench_train("resnet18", 64, 32, reps, device, policy=p) for p in ("init", "random")]
         if device.type == "cuda":  # what a GPU user runs: bf16 autocast
             result["train"] += [
-                bench_train(*big, 64, reps, device, torch.bfloat16),
+                bench_train(*big, big_batch, reps, device, torch.bfloat16),
                 bench_train("resnet18", 64, 32, reps, device, torch.bfloat16),
             ]
     if "memory" in only:

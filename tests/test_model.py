@@ -174,6 +174,55 @@ def test_training_freezes_S_and_reaches_every_trainable_parameter(name, cfg):
     )
 
 
+def _fixed_and_mixed_gate(model: AdaFilterModel, seed: int = 0) -> None:
+    """Gate heads whose filters are mostly fixed to F or to S, a few input-dependent."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in model.gate.heads:
+            r = torch.rand(head.bias.numel(), generator=gen)
+            head.bias.copy_(torch.where(r < 0.5, 20.0, -20.0))
+            head.bias[r > 0.85] = 0.0
+            head.weight.mul_(5.0)
+
+
+@pytest.mark.parametrize("gated_bn", [True, False])
+@pytest.mark.parametrize("policy", ["finetuned", "pretrained", "random", "fixed+mixed"])
+@pytest.mark.parametrize("name", ["resnet18", "depthwise"])
+def test_gradients_equal_plain_autograd_when_unused_filters_are_skipped(name, policy, gated_bn):
+    """Each conv's backward skips the filters no example takes from its branch: gradients
+    (zeros included) must equal those of plain autograd through both convs."""
+    models = []
+    for reference in (False, True):
+        model = wrap(_build(name), AdaFilterConfig(gated_bn=gated_bn, gate_bias_init=0.0))
+        _fixed_and_mixed_gate(model)
+        model.train()
+        model.set_policy_mode("learned" if policy == "fixed+mixed" else policy, seed=2)
+        if reference:  # ordinary convs: autograd computes every filter's share
+            for layer in model.gated_layers().values():
+                layer.subset_backward = False
+        models.append(model)
+    grads = []
+    for model in models:
+        x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+        x.requires_grad_(True)
+        y = torch.arange(6) % 7
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads.append(
+            {"x": x.grad, **{n: p.grad for n, p in model.named_parameters() if p.requires_grad}}
+        )
+    fractions = torch.cat([p.float().flatten() for p in models[0].policies.values()])
+    if policy == "fixed+mixed":  # fixed filters in both branches, and input-dependent ones
+        assert 0.2 < fractions.mean() < 0.8
+    # tolerance: summation order only, relative to the largest gradient of the model
+    scale = max(g.abs().max() for g in grads[1].values() if g is not None)
+    for key, want in grads[1].items():
+        got = grads[0][key]
+        assert (got is None) == (want is None), key  # zero gradients stay tensors
+        if want is None:
+            continue
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * scale), key
+
+
 @pytest.mark.parametrize("ste", ["identity", "sigmoid"])
 def test_straight_through_estimator(ste):
     logits = torch.tensor([[-2.0, -0.1, 0.0, 0.3, 5.0]], requires_grad=True)

@@ -200,6 +200,10 @@ class _GatedBNFunction(torch.autograd.Function):
         ctx.save_for_backward(xf, xs, g)
         ctx.stats = (sf, ss)
         sel = g > 0.5
+        # A branch no example uses gets a zero input gradient, passed as a broadcast zero
+        # (no memory pass), so that conv's backward can skip its work (e.g. S in a layer whose
+        # policy is all-F) while still handing the optimizer zero weight gradients.
+        ctx.used = (bool(sel.any()), not bool(sel.all()))
         scale = torch.where(sel, sf.scale, ss.scale)[:, :, None, None].to(z.dtype)  # (B, C, 1, 1)
         shift = torch.where(sel, sf.shift, ss.shift)[:, :, None, None].to(z.dtype)
         return torch.addcmul(shift, z, scale)  # Eq. 5, z = Eq. 1's selection
@@ -213,11 +217,18 @@ class _GatedBNFunction(torch.autograd.Function):
         _, ps = _per_example_sums(dy, xs)
         grads = []
         mask_f = g.to(a.dtype)  # statistics dtype (float32 under autocast)
-        for x, p, mask, st in ((xf, pf, mask_f, sf), (xs, ps, 1.0 - mask_f, ss)):
+        branches = ((xf, pf, mask_f, sf), (xs, ps, 1.0 - mask_f, ss))
+        for (x, p, mask, st), used, need in zip(
+            branches, ctx.used, ctx.needs_input_grad[:2], strict=True
+        ):
             k1, k2, k3, dgamma, dbeta = _branch_backward(st, mask, a, p)
-            k1, k2, k3 = (k[:, :, None, None].to(dy.dtype) for k in (k1, k2, k3))
-            dx = torch.addcmul(k3, dy, k1)
-            dx.addcmul_(x, k2)
+            dx = None
+            if need and not used:
+                dx = dy.new_zeros(()).expand_as(dy)
+            elif need:
+                k1, k2, k3 = (k[:, :, None, None].to(dy.dtype) for k in (k1, k2, k3))
+                dx = torch.addcmul(k3, dy, k1)
+                dx.addcmul_(x, k2)
             grads.append((dx, dgamma, dbeta))
         (dxf, dwf, dbf), (dxs, dws, dbs) = grads
         dg = _policy_grad(sf, ss, a, pf, ps).to(g.dtype) if ctx.needs_input_grad[2] else None

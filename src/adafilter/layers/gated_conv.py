@@ -20,7 +20,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,74 @@ def policy_source(source: PolicySource) -> Iterator[None]:
         yield
     finally:
         _SOURCE.reset(token)
+
+
+SUBSET_MAX_FRACTION = 0.8  # backward on a filter subset only below this share of filters
+
+
+class _SubsetBackwardConv(torch.autograd.Function):
+    """A conv whose backward only computes the filters some example of the batch uses.
+
+    Under Eq. 1 the gradient reaching branch output ``F(x)[b, c]`` is zero wherever
+    ``G[b, c] = 0`` (and ``S(x)[b, c]`` where ``G[b, c] = 1``). A filter that no example of
+    the batch takes from this branch therefore has a zero weight gradient and adds nothing to
+    ``dL/dx``: the transposed and weight convolutions run on the used filters only (with
+    learned policies most filters have a fixed choice, see README). Its weight gradient is
+    returned as zeros, so optimizers see exactly what plain autograd would give them.
+    ``need`` (C,) bool marks the filters some example uses.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, need: Tensor, conv: nn.Conv2d
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, need)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
+        x, weight, need = ctx.saved_tensors
+        conv = ctx.conv
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        want_b = want_b and ctx.has_bias
+        n = int(need.sum())
+        c_out = weight.shape[0]
+        if n == 0:  # the caller passes no real gradient for an unused branch
+            gw = torch.zeros_like(weight) if want_w else None
+            gb = weight.new_zeros(c_out) if want_b else None
+            return None, gw, gb, None, None
+        idx = None
+        # Gathering dy costs a pass over it: worth it only when a good share of filters drops
+        # out. (A subset of a grouped conv would also regroup its inputs: never.)
+        if n <= SUBSET_MAX_FRACTION * c_out and conv.groups == 1:
+            idx = need.nonzero().squeeze(1)
+            dy, w = dy.index_select(1, idx), weight.index_select(0, idx)
+        else:
+            w = weight
+        # under autocast the forward conv ran in dy's dtype; compute alike, return as inputs
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            dy,
+            x.to(dy.dtype),
+            w.to(dy.dtype),
+            [w.shape[0]] if want_b else None,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            False,
+            [0, 0],
+            conv.groups,
+            [want_x, want_w, want_b],
+        )
+        gx = gx.to(x.dtype) if gx is not None else None
+        gw = gw.to(weight.dtype) if gw is not None else None
+        gb = gb.to(weight.dtype) if gb is not None else None
+        if idx is not None:
+            if want_w:
+                gw = torch.zeros_like(weight).index_copy_(0, idx, gw)
+            if want_b:
+                gb = weight.new_zeros(c_out).index_copy_(0, idx, gb)
+        return gx, gw, gb, None, None
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -98,6 +166,7 @@ class GatedConv2dBN(nn.Module):
         self.bn_min_examples = bn_min_examples
         self.bn_min_values = bn_min_values
         self.fast_eval = fast_eval
+        self.subset_backward = True  # False: plain autograd through both convs (reference)
         self.conv_s = conv  # frozen pretrained filters S (the original module)
         self.conv_f = copy.deepcopy(conv)  # trainable filters F, same initial weights
         if gated_bn:
@@ -130,8 +199,14 @@ class GatedConv2dBN(nn.Module):
         g = source.policy(self.index, x)  # (B, C_out) in {0, 1}
         if not self.training and self.fast_eval and not torch.is_grad_enabled():
             return self._forward_fast(x, g > 0.5)
-        xf = self._conv(x, self.conv_f.weight, self.conv_f.bias)  # (B, C, H', W')
-        xs = self._conv(x, self.conv_s.weight, self.conv_s.bias)  # (B, C, H', W')
+        if torch.is_grad_enabled() and self.subset_backward:
+            sel = g.detach() > 0.5  # (B, C)
+            conv = _SubsetBackwardConv.apply
+            xf = conv(x, self.conv_f.weight, self.conv_f.bias, sel.any(0), self.conv_f)
+            xs = conv(x, self.conv_s.weight, self.conv_s.bias, ~sel.all(0), self.conv_s)
+        else:
+            xf = self._conv(x, self.conv_f.weight, self.conv_f.bias)  # (B, C, H', W')
+            xs = self._conv(x, self.conv_s.weight, self.conv_s.bias)  # (B, C, H', W')
         if self.gated_bn:
             return gated_batch_norm(
                 xf,
