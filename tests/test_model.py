@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from adafilter import AdaFilterConfig, AdaFilterModel, GatedConv2dBN, binarize, wrap
+from adafilter.layers.gate import RecurrentGate
 
 
 class DepthwiseNet(nn.Module):
@@ -221,6 +222,33 @@ def test_gradients_equal_plain_autograd_when_unused_filters_are_skipped(name, po
         if want is None:
             continue
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * scale), key
+
+
+def test_eval_gate_step_with_fused_input_map_equals_lstm_cell():
+    """Eval mode folds the embedding into the LSTM's input map; same logits and states."""
+    gate = RecurrentGate([8, 16, 12], [16, 12, 4], embed_dim=6, hidden_dim=5, bias_init=0.3)
+    xs = [torch.randn(3, c, 4, 4) for c in (8, 16, 12)]
+
+    def run() -> list[torch.Tensor]:
+        state, outs = None, []
+        for i, x in enumerate(xs):
+            logits, state = gate.step(i, x, state)
+            outs += [logits, *state]
+        return outs
+
+    want = run()
+    gate.eval()
+    for grad in (True, False):  # differentiable, and cached without autograd
+        with torch.set_grad_enabled(grad):
+            for got, ref in zip(run(), want, strict=True):
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # an in-place change to a parameter invalidates the cache
+        gate.embed[1].weight.mul_(2.0)
+        gate.cell.bias_ih.add_(0.5)
+        cached = run()
+    gate.train()
+    for got, ref in zip(cached, run(), strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("ste", ["identity", "sigmoid"])

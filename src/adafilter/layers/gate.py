@@ -83,6 +83,7 @@ class RecurrentGate(nn.Module):
         self.embed = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
         self.cell = nn.LSTMCell(embed_dim, hidden_dim)
         self.heads = nn.ModuleList(nn.Linear(hidden_dim, c) for c in out_channels)
+        self._fused: dict[int, tuple] = {}  # eval-mode cache, see _input_map
         for head in self.heads:
             nn.init.constant_(head.bias, bias_init)
 
@@ -97,8 +98,50 @@ class RecurrentGate(nn.Module):
         pooled = x.mean((2, 3))  # (B, C_in)
         if self.detach_input:
             pooled = pooled.detach()
+        if not self.training:
+            return self._step_eval(index, pooled, state)
         e = self.embed[index](pooled)  # (B, E)
         h, c = self.cell(e, state)  # (B, H) each
+        return self.heads[index](h), (h, c)  # (B, C_out)
+
+    def _input_map(self, index: int) -> tuple[Tensor, Tensor]:
+        """Embedding and the LSTM's input map as one affine map: ``(W^T (C_in, 4H), b (4H,))``.
+
+        Both are linear, so ``W_ih (W_e p + b_e) + b_ih + b_hh = (W_ih W_e) p + b``: one matrix
+        product per layer instead of two (the gate runs once per layer and example, which at
+        batch 1 costs as much as a late layer's conv). Cached without autograd until a
+        parameter changes.
+        """
+        emb, cell = self.embed[index], self.cell
+        params = (emb.weight, emb.bias, cell.weight_ih, cell.bias_ih, cell.bias_hh)
+        if torch.is_grad_enabled():
+            return self._fuse(emb, cell)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        hit = self._fused.get(index)
+        if hit is None or hit[0] != key:
+            hit = (key, *self._fuse(emb, cell))
+            self._fused[index] = hit
+        return hit[1], hit[2]
+
+    @staticmethod
+    def _fuse(emb: nn.Linear, cell: nn.LSTMCell) -> tuple[Tensor, Tensor]:
+        w = (cell.weight_ih @ emb.weight).t().contiguous()  # (C_in, 4H)
+        b = cell.weight_ih @ emb.bias + cell.bias_ih + cell.bias_hh  # (4H,)
+        return w, b
+
+    def _step_eval(
+        self, index: int, pooled: Tensor, state: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The same LSTM step with the fused input map (eval mode; equal up to rounding)."""
+        w, b = self._input_map(index)
+        gates = torch.addmm(b, pooled, w)  # (B, 4H), PyTorch's order: i, f, g, o
+        if state is not None:
+            gates = torch.addmm(gates, state[0], self.cell.weight_hh.t())
+        i, f, g, o = gates.chunk(4, 1)
+        g = torch.tanh(g)
+        i, o = torch.sigmoid(i), torch.sigmoid(o)
+        c = i * g if state is None else torch.addcmul(i * g, torch.sigmoid(f), state[1])
+        h = o * torch.tanh(c)  # (B, H)
         return self.heads[index](h), (h, c)  # (B, C_out)
 
 

@@ -199,7 +199,9 @@ class GatedConv2dBN(nn.Module):
         g = source.policy(self.index, x)  # (B, C_out) in {0, 1}
         if not self.training and self.fast_eval and not torch.is_grad_enabled():
             return self._forward_fast(x, g > 0.5)
-        if torch.is_grad_enabled() and self.subset_backward:
+        # Skipping unused filters needs their count on the host: free on CPU, but on a GPU
+        # that read would stall the launch queue once per layer, which costs more than it saves.
+        if torch.is_grad_enabled() and self.subset_backward and x.device.type == "cpu":
             sel = g.detach() > 0.5  # (B, C)
             conv = _SubsetBackwardConv.apply
             xf = conv(x, self.conv_f.weight, self.conv_f.bias, sel.any(0), self.conv_f)
@@ -247,6 +249,15 @@ class GatedConv2dBN(nn.Module):
     def _forward_fast(self, x: Tensor, sel: Tensor) -> Tensor:
         """Eval: every output filter computed once per example (``sel`` (B, C) bool)."""
         w_f, b_f, w_s, b_s = self._folded()
+        if x.device.type != "cpu":
+            # Accelerators: no data-dependent shapes or host reads (each would stall the queue).
+            if x.shape[0] == 1:  # one merged filter bank, selected on the device
+                sel0 = sel[0]
+                w = torch.where(sel0.view(-1, 1, 1, 1), w_f, w_s)
+                return self._conv(x, w, torch.where(sel0, b_f, b_s))
+            return torch.where(
+                sel[:, :, None, None], self._conv(x, w_f, b_f), self._conv(x, w_s, b_s)
+            )
         if x.shape[0] == 1:
             return self._conv(x, *self._merge(sel[0], w_f, b_f, w_s, b_s))
         need_f = sel.any(0)  # (C,) filters some example takes from F
