@@ -139,6 +139,50 @@ def bench_train(
     }
 
 
+def bench_train_graphed(arch: str, res: int, batch: int, reps: int, policy: str) -> dict:
+    """CUDA only: the same training step with forward and backward captured as CUDA graphs
+    (``torch.cuda.make_graphed_callables``) for both models; the optimizer runs eagerly.
+
+    Eager GPU steps of AdaFilter are bound by launching its many small per-layer operations;
+    replaying a graph removes that cost, so this measures what the arithmetic itself costs.
+    """
+    device = torch.device("cuda")
+    plain = _build(arch, device)
+    ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
+    if policy == "trained-like":
+        _make_trained_like(ada)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, res, res, generator=gen).to(device)
+    y = torch.randint(0, 100, (batch,), generator=gen).to(device)
+    fns = {}
+    for name, model in (("finetune", plain), ("adafilter", ada)):
+        model.train()
+        if isinstance(model, AdaFilterModel):
+            groups = model.param_groups(lr=0.01, gate_lr=0.1)
+        else:
+            groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+        graphed = torch.cuda.make_graphed_callables(model, (x,))
+
+        def step(graphed: Callable = graphed, opt: torch.optim.Optimizer = opt) -> None:
+            loss = nn.functional.cross_entropy(graphed(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        fns[name] = step
+    med = _interleaved(fns, reps, device)
+    return {
+        "arch": arch,
+        "resolution": res,
+        "batch": batch,
+        "policy": policy,
+        "cuda_graphs": True,
+        "median_s": med,
+        "ratio": med["adafilter"] / med["finetune"],
+    }
+
+
 def _memory_child(arch: str, res: int, batch: int, method: str, device: str) -> None:
     """Run in a fresh process: a few training steps; print peak memory in bytes.
 
@@ -293,7 +337,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--checkpoint", default=None, help="AdaFilter ResNet-50 state for policies")
     ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--only", default="train,memory,eval1,eval32")
+    ap.add_argument("--only", default="train,graphs,memory,eval1,eval32")
     ap.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -324,6 +368,19 @@ def main() -> None:
                 bench_train(*big, big_batch, reps, device, torch.bfloat16),
                 bench_train("resnet18", 64, 32, reps, device, torch.bfloat16),
             ]
+    if "graphs" in only and device.type == "cuda":
+        big_batch = 64
+        result["train_cuda_graphs"] = []
+        for args_ in (
+            # (random-policy mode draws on the host each layer: it cannot be captured)
+            (*big, big_batch, reps, "init"),
+            (*big, big_batch, reps, "trained-like"),
+            ("resnet18", 64, 32, reps, "init"),
+        ):
+            try:
+                result["train_cuda_graphs"].append(bench_train_graphed(*args_))
+            except Exception as exc:  # report, keep the other measurements
+                result["train_cuda_graphs"].append({"args": list(args_[:2]), "error": repr(exc)})
     if "memory" in only:
         result["memory"] = [
             bench_memory(*big, 8 if device.type == "cpu" else 64, device),
