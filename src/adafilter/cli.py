@@ -126,6 +126,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="channels-last memory format",
     )
     p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="replay each training step as a CUDA graph (one GPU; default off)",
+    )
+    p.add_argument(
         "--subset-per-class",
         type=int,
         default=s,

@@ -147,10 +147,60 @@ def group_lr(optimizer: torch.optim.Optimizer, name: str) -> float | None:
 # ---- per-epoch loops ------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None, cache: bool = True) -> Any:
     if amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    # CUDA graphs need the cast cache off (a cached cast would outlive the captured step)
+    return torch.autocast(device_type=device.type, dtype=amp_dtype, cache_enabled=cache)
+
+
+class GraphedForward:
+    """A model's training forward (and its backward) replayed as CUDA graphs.
+
+    The first batch captures the graphs (``torch.cuda.make_graphed_callables``); later batches
+    of the same shape replay them, which removes the per-operation launch cost that bounds
+    an eager AdaFilter step on a GPU (measured in ``benchmarks/speed.py``). Batches of another
+    shape (a short last batch) and eval mode run the model eagerly. Capturing runs a few
+    warm-up steps; the model's buffers (BN running statistics) are restored afterwards, so
+    capture changes no state. Nothing in the forward may be decided on the host per step
+    (``Method.graph_capturable``).
+
+    Args:
+        module: The model (not DDP-wrapped), on a CUDA device.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._graphed: Callable[[Tensor], Tensor] | None = None
+        self._key: tuple | None = None
+
+    @staticmethod
+    def _signature(x: Tensor) -> tuple:
+        return (tuple(x.shape), x.dtype, x.stride(), torch.is_autocast_enabled())
+
+    def __call__(self, images: Tensor) -> Tensor:
+        if not self.module.training:
+            return self.module(images)
+        if self._graphed is None:
+            self._capture(images)
+        if self._signature(images) != self._key:
+            return self.module(images)
+        assert self._graphed is not None
+        return self._graphed(images)
+
+    def _capture(self, images: Tensor) -> None:
+        m = self.module
+        saved = {k: v.clone() for k, v in m.named_buffers()}
+        torch.cuda.synchronize(images.device)
+        returned = torch.cuda.make_graphed_callables(m, (images,))
+        # For a module the graphed forward is installed as ``m.forward``; keep it here and
+        # give the module its own forward back (eager calls, eval, checkpoints stay as they are).
+        graphed = m.__dict__.pop("forward", None) or returned
+        with torch.no_grad():
+            for k, v in m.named_buffers():
+                v.copy_(saved[k])
+        self._graphed = graphed
+        self._key = self._signature(images)
 
 
 def _progress(iterable: Any, *, enabled: bool, desc: str, total: int | None = None) -> Any:
@@ -183,6 +233,7 @@ def train_one_epoch(
     channels_last: bool = False,
     env: DistEnv | None = None,
     progress: bool = False,
+    graphed: GraphedForward | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` with cross-entropy (+ ``regularizer``) and SGD steps.
 
@@ -199,6 +250,7 @@ def train_one_epoch(
         channels_last: Convert inputs to channels-last.
         env: The DDP environment; loss/accuracy are summed over ranks.
         progress: Show a tqdm bar.
+        graphed: Run the forward through this CUDA-graph wrapper of ``model``.
 
     Returns:
         ``{"loss", "acc", "images", "seconds", "images_per_second"}``: mean cross-entropy
@@ -215,8 +267,8 @@ def train_one_epoch(
     ):
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            logits = model(images)
+        with _autocast(device, amp_dtype, cache=graphed is None):
+            logits = (graphed or model)(images)
             loss = F.cross_entropy(logits, labels)
         total = loss.float()
         if regularizer is not None:
@@ -365,6 +417,25 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     if name != "cpu":
         raise AdaFilterError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
+
+
+def _graphed_forward(
+    config: TrainConfig, module: nn.Module, *, device: torch.device, env: DistEnv, method: Method
+) -> GraphedForward | None:
+    """The CUDA-graph wrapper when ``--cuda-graphs`` applies; otherwise warn why not."""
+    if not config.cuda_graphs:
+        return None
+    why = None
+    if device.type != "cuda":
+        why = f"on {device}"
+    elif env.enabled:
+        why = "under DDP (several processes)"
+    elif not method.graph_capturable:
+        why = f"for {method.name} (its policies are drawn on the host every step)"
+    if why:
+        logger.warning("--cuda-graphs ignored %s; training eagerly", why)
+        return None
+    return GraphedForward(module)
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -629,6 +700,7 @@ def _fit(
     elif config.resume and not quiet:
         logger.info("no checkpoint in %s yet: starting a new run", out)
 
+    graphed = _graphed_forward(config, module, device=device, env=env, method=method)
     model: nn.Module = module
     if env.enabled:
         model = DistributedDataParallel(
@@ -703,6 +775,7 @@ def _fit(
             channels_last=config.channels_last,
             env=env,
             progress=progress,
+            graphed=graphed,
         )
         method.on_evaluate(prepared, seed=config.seed, rank=env.rank)
         last = epoch == config.epochs

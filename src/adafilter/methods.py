@@ -87,6 +87,8 @@ class Method:
         trains_gate: A gate parameter group exists (``gate_lr`` is reported).
         find_unused_parameters: DDP must tolerate parameters without gradient.
         logs_param_groups: :meth:`param_groups` logs the group sizes itself.
+        graph_capturable: A training step can be captured as a CUDA graph (nothing in the
+            forward is decided on the host per step).
     """
 
     name: str
@@ -95,6 +97,10 @@ class Method:
     trains_gate: bool = False
     find_unused_parameters: bool = False
     logs_param_groups: bool = False
+
+    @property
+    def graph_capturable(self) -> bool:
+        return True
 
     def build(
         self,
@@ -333,6 +339,10 @@ class AdaFilterMethod(Method):
     trains_gate: bool = True
     find_unused_parameters: bool = True
     logs_param_groups: bool = True  # AdaFilterModel.param_groups logs them
+
+    @property
+    def graph_capturable(self) -> bool:
+        return self.policy != "random"  # random policies are drawn on the host per layer
 
     def build(
         self,

@@ -46,6 +46,10 @@ class TrainConfig:
         amp: ``"off"``, ``"bf16"`` or ``"fp16"`` autocast on CUDA (fp16 adds a GradScaler);
             ignored with a warning on CPU.
         channels_last: Use the channels-last memory format for model and inputs.
+        cuda_graphs: Capture the training step's forward and backward as a CUDA graph and
+            replay it (single process, CUDA only; ignored with a warning otherwise). AdaFilter
+            runs many small operations per layer, and an eager GPU step is bound by launching
+            them; see the README's speed table.
         subset_per_class: Keep at most this many training images per class (quick runs).
         gate_backbone: Feature extractor of the ``cnn-gate`` method.
         gate_weights: Its weights (``None``, ``"pretrained"`` or a file).
@@ -78,6 +82,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "off"
     channels_last: bool = False
+    cuda_graphs: bool = False
     subset_per_class: int | None = None
     gate_backbone: str = "resnet18"
     gate_weights: str | None = None
