@@ -8,7 +8,9 @@ Settings (same schedule for every method within a setting):
 Each run goes to ``benchmarks/results/transfer/<setting>/<method>-s<seed>`` (resumable: a run
 that is complete is skipped, an interrupted one continues from its checkpoint), then
 ``adafilter report`` writes ``benchmarks/results/transfer-<setting>.md``/``.html``/figures and
-the raw summaries go to ``benchmarks/results/transfer-<setting>.json``. Prints one JSON object.
+the raw summaries go to ``benchmarks/results/transfer-<setting>.json``; every completed run of
+both settings is also reported together in ``benchmarks/results/transfer.md``/``.json``
+(figures in ``transfer-all/``). Prints one JSON object.
 
     python benchmarks/transfer.py --setting cifar
     python benchmarks/transfer.py --setting lite0 --seeds 0 --methods finetune,adafilter
@@ -19,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import re
 import time
 from pathlib import Path
 
@@ -47,6 +49,28 @@ SETTINGS = {
         gate_backbone="cifar-resnet20",
     ),
 }
+
+
+def _copy_report(src: Path, dst: Path) -> None:
+    """Copy a report's Markdown next to its folder, re-pointing its relative links."""
+    prefix = os.path.relpath(src.parent, dst.parent)
+
+    def fix(m: re.Match) -> str:
+        target = m.group(1)
+        if re.match(r"^[a-z]+:|^/|^#", target):
+            return m.group(0)
+        return f"]({os.path.normpath(os.path.join(prefix, target))})"
+
+    text = re.sub(r"\]\(([^)\s]+)\)", fix, src.read_text())
+    tmp = dst.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, dst)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -119,11 +143,22 @@ def main() -> None:
                 summaries.append(prev)
     runs = sorted({Path(x["config"]["out"]) for x in summaries})
     rep = make_report(runs, report_dir, title=f"Transfer benchmark: {args.setting}")
-    shutil.copyfile(rep["report_md"], RESULTS / f"transfer-{args.setting}.md")
-    raw = RESULTS / f"transfer-{args.setting}.json"
-    tmp = raw.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summaries, indent=1) + "\n")
-    os.replace(tmp, raw)
+    _copy_report(rep["report_md"], RESULTS / f"transfer-{args.setting}.md")
+    _write_json(RESULTS / f"transfer-{args.setting}.json", summaries)
+    # Both settings in one report: benchmarks/results/transfer.md (+ transfer-all/ figures)
+    every = []
+    for name, setting in SETTINGS.items():
+        for done in sorted((Path(args.out) / name).glob("*/summary.json")):
+            prev = json.loads(done.read_text())
+            if prev.get("completed") and prev.get("epochs") == setting["epochs"]:
+                every.append(prev)
+    both = make_report(
+        sorted({Path(x["config"]["out"]) for x in every}),
+        RESULTS / "transfer-all",
+        title="Transfer benchmark: CPU-scale Table 2 (both settings)",
+    )
+    _copy_report(both["report_md"], RESULTS / "transfer.md")
+    _write_json(RESULTS / "transfer.json", every)
     print(
         json.dumps(
             {
