@@ -15,6 +15,8 @@ from torch import nn
 
 from adafilter import AdaFilterConfig, wrap
 from adafilter.layers.gated_bn import gated_batch_norm
+from test_gated_bn import _bns
+from test_model import _perturb_bn
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -28,20 +30,6 @@ PRECISIONS = [
     pytest.param("cuda", torch.float16, 1.5e-3, 2e-4, marks=needs_cuda),
     pytest.param("cuda", torch.bfloat16, 5e-3, 2e-3, marks=needs_cuda),
 ]
-
-
-def _bn_pair(c: int) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
-    gen = torch.Generator().manual_seed(0)
-    bn_f = nn.BatchNorm2d(c)
-    with torch.no_grad():
-        bn_f.weight.copy_(1 + 0.3 * torch.randn(c, generator=gen))
-        bn_f.bias.copy_(0.2 * torch.randn(c, generator=gen))
-        bn_f.running_var.copy_(1 + torch.rand(c, generator=gen))
-    bn_s = copy.deepcopy(bn_f)
-    with torch.no_grad():
-        bn_s.weight.mul_(0.7)
-        bn_s.running_mean.add_(0.3)
-    return bn_f, bn_s
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -63,9 +51,7 @@ def test_gated_bn_matches_float64_cpu(
 
     results = []
     for dev, dt in ((device, dtype), ("cpu", torch.float64)):
-        bn_f, bn_s = (
-            bn.to(dev, torch.float32 if dt != torch.float64 else dt) for bn in _bn_pair(c)
-        )
+        bn_f, bn_s = (bn.to(dev, torch.float32 if dt != torch.float64 else dt) for bn in _bns(c))
         xf = xf64.to(dev, dt).requires_grad_()
         xs = xs64.to(dev, dt).requires_grad_()
         g = g64.to(dev, dt).requires_grad_()
@@ -86,14 +72,7 @@ def test_gated_bn_matches_float64_cpu(
 
 def _tiny_resnet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = torchvision.models.resnet18(num_classes=5)
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-    return model
+    return _perturb_bn(torchvision.models.resnet18(num_classes=5), seed)
 
 
 AUTOCAST = [
