@@ -316,6 +316,73 @@ def bench_eval(
     }
 
 
+def bench_eval_run(checkpoint: str, batch: int, reps: int, device: torch.device) -> dict:
+    """Eval time of a trained AdaFilter run (``adafilter train`` checkpoint) on its own
+    evaluation images, against the plain backbone (same architecture and head) -- the
+    policies are the ones that run learned."""
+    from adafilter.backbones import BACKBONES
+    from adafilter.checkpoint import load_checkpoint
+    from adafilter.data import build_datasets
+    from adafilter.engine import build_model
+    from adafilter.train_config import TrainConfig
+
+    ckpt = load_checkpoint(checkpoint)
+    config = TrainConfig.from_dict(ckpt["config"], source=checkpoint)
+    n = int(ckpt["num_classes"])
+    prepared, _ = build_model(config, num_classes=n, pretrained=False)
+    ada = prepared.model
+    ada.load_state_dict(ckpt["model"])
+    plain = build_model(config.replace(method="finetune"), num_classes=n, pretrained=False)[0]
+    spec = BACKBONES.get(config.backbone)
+    _, eval_ds, _ = build_datasets(
+        config.dataset,
+        config.data_root or None,
+        resolution=config.resolution or spec.default_resolution,
+        mean=spec.mean,
+        std=spec.std,
+        seed=config.seed,
+    )
+    xs = [
+        torch.stack([eval_ds[(i * batch + j) % len(eval_ds)][0] for j in range(batch)]).to(device)
+        for i in range(8)
+    ]
+    ada, plain = ada.to(device).eval(), plain.model.to(device).eval()
+    dual = copy.deepcopy(ada)
+    for layer in dual.gated_layers().values():
+        layer.fast_eval = False
+    i = {"n": 0}
+
+    def runner(model: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                model(xs[i["n"] % len(xs)])
+
+        return run
+
+    def nxt() -> None:
+        i["n"] += 1
+
+    fns = {"plain": runner(plain), "fast": runner(ada), "dual": runner(dual)}
+    med = _interleaved({**fns, "_next": nxt}, reps, device)
+    med.pop("_next")
+    needed = {"needed_from_F": 0.0, "needed_from_S": 0.0, "computed_vs_plain": 0.0}
+    with torch.no_grad():
+        for x in xs:  # filters needed, averaged over the batches
+            ada(x)
+            for k, v in _policy_stats(ada).items():
+                needed[k] += v / len(xs)
+    return {
+        "run": str(Path(checkpoint).parent),
+        "backbone": config.backbone,
+        "resolution": config.resolution,
+        "batch": batch,
+        "median_s": med,
+        "fast_vs_plain": med["fast"] / med["plain"],
+        "dual_vs_plain": med["dual"] / med["plain"],
+        **needed,
+    }
+
+
 def _make_trained_like(model: AdaFilterModel) -> None:
     """Without a checkpoint: give each head a per-filter bias so most filters have a fixed
     choice and ~20% depend on the input, roughly what trained gates show (see README)."""
@@ -336,6 +403,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--checkpoint", default=None, help="AdaFilter ResNet-50 state for policies")
+    ap.add_argument(
+        "--trained-run",
+        action="append",
+        default=[],
+        help="checkpoint.pt of an adafilter train run: eval speed on its data (repeatable)",
+    )
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--only", default="train,graphs,memory,eval1,eval32")
     ap.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
@@ -395,11 +468,20 @@ def main() -> None:
             bench_eval(*big, 32, reps, device, args.checkpoint, p)
             for p in (("checkpoint",) if args.checkpoint else ("trained-like",)) + ("random",)
         ]
+    if args.trained_run:
+        only.add("trained")
+        result["eval_trained_runs"] = [
+            bench_eval_run(c, b, reps * (3 if b == 1 else 1), device)
+            for c in args.trained_run
+            for b in (1, 32)
+        ]
     text = json.dumps(result, indent=2)
     print(text)
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         name = "speed-quick.json" if args.quick else f"speed-{device.type}.json"
+        if only == {"trained"}:  # --only trained --trained-run ...: its own file
+            name = f"speed-{device.type}-trained-runs.json"
         tmp = RESULTS / (name + ".tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, RESULTS / name)
