@@ -264,89 +264,11 @@ def _policy_stats(model: AdaFilterModel) -> dict:
     }
 
 
-def bench_eval(
-    arch: str,
-    res: int,
-    batch: int,
-    reps: int,
-    device: torch.device,
-    checkpoint: str | None,
-    policy: str,
-) -> dict:
-    plain = _build(arch, device).eval()
-    ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
-    ada.eval()
-    if checkpoint:
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        ada.load_state_dict(state.get("model", state))
-    elif policy == "trained-like":
-        _make_trained_like(ada)
-    ada.set_policy_mode("random" if policy == "random" else "learned", seed=0)
-    dual = copy.deepcopy(ada)
-    for layer in dual.gated_layers().values():
-        layer.fast_eval = False
-    gen = torch.Generator().manual_seed(2)
-    xs = [torch.randn(batch, 3, res, res, generator=gen).to(device) for _ in range(4)]
-    i = {"n": 0}
-
-    def runner(model: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                model(xs[i["n"] % len(xs)])
-
-        return run
-
-    def nxt() -> None:  # a new example every repetition, as in streaming inference
-        i["n"] += 1
-
-    fns = {"plain": runner(plain), "fast": runner(ada), "dual": runner(dual)}
-    med = _interleaved({**fns, "_next": nxt}, reps, device)
-    med.pop("_next")
-    with torch.no_grad():
-        ada(xs[0])
-    return {
-        "arch": arch,
-        "resolution": res,
-        "batch": batch,
-        "policy": policy,
-        "median_s": med,
-        "fast_vs_plain": med["fast"] / med["plain"],
-        "dual_vs_plain": med["dual"] / med["plain"],
-        **_policy_stats(ada),
-    }
-
-
-def bench_eval_run(checkpoint: str, batch: int, reps: int, device: torch.device) -> dict:
-    """Eval time of a trained AdaFilter run (``adafilter train`` checkpoint) on its own
-    evaluation images, against the plain backbone (same architecture and head) -- the
-    policies are the ones that run learned."""
-    from adafilter.backbones import BACKBONES
-    from adafilter.checkpoint import load_checkpoint
-    from adafilter.data import build_datasets
-    from adafilter.engine import build_model
-    from adafilter.train_config import TrainConfig
-
-    ckpt = load_checkpoint(checkpoint)
-    config = TrainConfig.from_dict(ckpt["config"], source=checkpoint)
-    n = int(ckpt["num_classes"])
-    prepared, _ = build_model(config, num_classes=n, pretrained=False)
-    ada = prepared.model
-    ada.load_state_dict(ckpt["model"])
-    plain = build_model(config.replace(method="finetune"), num_classes=n, pretrained=False)[0]
-    spec = BACKBONES.get(config.backbone)
-    _, eval_ds, _ = build_datasets(
-        config.dataset,
-        config.data_root or None,
-        resolution=config.resolution or spec.default_resolution,
-        mean=spec.mean,
-        std=spec.std,
-        seed=config.seed,
-    )
-    xs = [
-        torch.stack([eval_ds[(i * batch + j) % len(eval_ds)][0] for j in range(batch)]).to(device)
-        for i in range(8)
-    ]
-    ada, plain = ada.to(device).eval(), plain.model.to(device).eval()
+def _time_eval(
+    plain: nn.Module, ada: AdaFilterModel, xs: list[torch.Tensor], reps: int, device: torch.device
+) -> dict[str, float]:
+    """Median eval seconds of the plain model, AdaFilter's fast path and its naive dual path,
+    interleaved, a new input every repetition (as in streaming inference)."""
     dual = copy.deepcopy(ada)
     for layer in dual.gated_layers().values():
         layer.fast_eval = False
@@ -365,6 +287,66 @@ def bench_eval_run(checkpoint: str, batch: int, reps: int, device: torch.device)
     fns = {"plain": runner(plain), "fast": runner(ada), "dual": runner(dual)}
     med = _interleaved({**fns, "_next": nxt}, reps, device)
     med.pop("_next")
+    return med
+
+
+def bench_eval(
+    arch: str,
+    res: int,
+    batch: int,
+    reps: int,
+    device: torch.device,
+    checkpoint: str | None,
+    policy: str,
+) -> dict:
+    plain = _build(arch, device).eval()
+    ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
+    ada.eval()
+    if checkpoint:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        ada.load_state_dict(state.get("model", state))
+    elif policy == "trained-like":
+        _make_trained_like(ada)
+    ada.set_policy_mode("random" if policy == "random" else "learned", seed=0)
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(batch, 3, res, res, generator=gen).to(device) for _ in range(4)]
+    med = _time_eval(plain, ada, xs, reps, device)
+    with torch.no_grad():
+        ada(xs[0])
+    return {
+        "arch": arch,
+        "resolution": res,
+        "batch": batch,
+        "policy": policy,
+        "median_s": med,
+        "fast_vs_plain": med["fast"] / med["plain"],
+        "dual_vs_plain": med["dual"] / med["plain"],
+        **_policy_stats(ada),
+    }
+
+
+def bench_eval_run(checkpoint: str, batch: int, reps: int, device: torch.device) -> dict:
+    """Eval time of a trained AdaFilter run (``adafilter train`` checkpoint) on its own
+    evaluation images, against the plain backbone (same architecture and head) -- the
+    policies are the ones that run learned."""
+    from adafilter.checkpoint import load_checkpoint
+    from adafilter.engine import build_model, run_datasets
+    from adafilter.train_config import TrainConfig
+
+    ckpt = load_checkpoint(checkpoint)
+    config = TrainConfig.from_dict(ckpt["config"], source=checkpoint)
+    n = int(ckpt["num_classes"])
+    prepared, _ = build_model(config, num_classes=n, pretrained=False)
+    ada = prepared.model
+    ada.load_state_dict(ckpt["model"])
+    plain = build_model(config.replace(method="finetune"), num_classes=n, pretrained=False)[0]
+    _, eval_ds, _ = run_datasets(config.replace(download=False))
+    xs = [
+        torch.stack([eval_ds[(i * batch + j) % len(eval_ds)][0] for j in range(batch)]).to(device)
+        for i in range(8)
+    ]
+    ada = ada.to(device).eval()
+    med = _time_eval(plain.model.to(device).eval(), ada, xs, reps, device)
     needed = {"needed_from_F": 0.0, "needed_from_S": 0.0, "computed_vs_plain": 0.0}
     with torch.no_grad():
         for x in xs:  # filters needed, averaged over the batches

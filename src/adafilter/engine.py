@@ -579,6 +579,24 @@ def _policy_json(policy: dict[str, Any], class_names: list[str]) -> dict[str, An
     }
 
 
+def run_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, Any]:
+    """The run's ``(train, eval, info)`` datasets, preprocessed for its backbone."""
+    from .backbones import BACKBONES
+    from .data import build_datasets
+
+    spec = BACKBONES.get(config.backbone)
+    return build_datasets(
+        config.dataset,
+        config.data_root or None,
+        resolution=config.resolution or spec.default_resolution,
+        mean=spec.mean,
+        std=spec.std,
+        seed=config.seed,
+        download=config.download,
+        subset_per_class=config.subset_per_class,
+    )
+
+
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     s = derive_seed(seed, epoch, rank, "global")
     random.seed(s)
@@ -603,7 +621,7 @@ def fit(config: TrainConfig) -> dict[str, Any]:
         AdaFilterError: Bad names, paths, options or an incompatible checkpoint.
     """
     from .backbones import BACKBONES
-    from .data import DATASETS, build_datasets
+    from .data import DATASETS
 
     # Validate everything cheap before any output, so bad input gives one clean error.
     METHODS.get(config.method)
@@ -624,17 +642,7 @@ def fit(config: TrainConfig) -> dict[str, Any]:
             f"output directory {str(out)!r} already holds a run; pass --resume to continue it "
             "or choose another --out"
         )
-    spec = BACKBONES.get(config.backbone)
-    train_ds, eval_ds, dinfo = build_datasets(
-        config.dataset,
-        config.data_root or None,
-        resolution=config.resolution or spec.default_resolution,
-        mean=spec.mean,
-        std=spec.std,
-        seed=config.seed,
-        download=config.download,
-        subset_per_class=config.subset_per_class,
-    )
+    train_ds, eval_ds, dinfo = run_datasets(config)
 
     # All ranks have checked the output directory before rank 0 can write (init is a barrier).
     # The CUDA device is selected before the process group exists so NCCL binds to it.
@@ -879,8 +887,6 @@ def evaluate_checkpoint(
         ``{"checkpoint", "epoch", "method", "dataset", "backbone", "test_acc", "test_loss",
         "images", "recorded_test_acc"}``.
     """
-    from .backbones import BACKBONES
-    from .data import build_datasets
 
     path = Path(path)
     ckpt = load_checkpoint(path)
@@ -893,17 +899,7 @@ def evaluate_checkpoint(
     num_classes = int(ckpt["num_classes"])
     env = DistEnv()
     dev = resolve_device(device, env)
-    spec = BACKBONES.get(config.backbone)
-    _, eval_ds, dinfo = build_datasets(
-        config.dataset,
-        config.data_root or None,
-        resolution=config.resolution or spec.default_resolution,
-        mean=spec.mean,
-        std=spec.std,
-        seed=config.seed,
-        download=False,
-        subset_per_class=config.subset_per_class,
-    )
+    _, eval_ds, dinfo = run_datasets(config.replace(download=False))
     if dinfo.num_classes != num_classes:
         raise AdaFilterError(
             f"data root {config.data_root!r} has {dinfo.num_classes} classes; the checkpoint "
