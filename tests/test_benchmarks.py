@@ -1,0 +1,36 @@
+"""Smoke test of the speed benchmark at tiny sizes (the real runs are not tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_quick_prints_every_ratio() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--no-save"]
+        + ["--reps", "1", "--only", "train,eval1,eval32"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert {"torch", "threads", "cpu", "device"} <= set(r)
+    policies = [t["policy"] for t in r["train"]]
+    assert policies == ["init", "trained-like", "random", "init", "random"]
+    for t in r["train"]:
+        assert t["ratio"] > 0 and set(t["median_s"]) == {"finetune", "adafilter"}
+    assert r["train"][0]["needed_from_S"] == 0.0  # init: every filter from F
+    assert min(r["train"][2]["needed_from_F"], r["train"][2]["needed_from_S"]) > 0.95  # random
+    assert r["eval_batch1"]["fast_vs_plain"] > 0
+    assert [e["policy"] for e in r["eval_batch32"]] == ["trained-like", "random"]
+    assert r["eval_batch32"][1]["computed_vs_plain"] > 1.9  # random: both banks needed
