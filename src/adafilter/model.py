@@ -127,13 +127,16 @@ class _Runtime:
             else:
                 assert isinstance(owner.gate, RecurrentGate)
                 logits, self.state = owner.gate.step(index, x, self.state)
-            g = binarize(logits, owner.config.ste)
+            if torch.is_grad_enabled() or owner.training:
+                g = binarize(logits, owner.config.ste)
+            else:
+                g = logits >= 0  # (B, C) bool: inference needs no 0./1. floats (Eq. 2)
         elif mode == "random":
             draw = torch.rand(b, c, generator=owner._generator)
             g = (draw < owner.random_p).to(device=x.device, dtype=x.dtype)
         else:
             g = x.new_full((b, c), 1.0 if mode == "finetuned" else 0.0)
-        self.decisions[index] = g.detach()  # no graph kept alive past the forward
+        self.decisions[index] = g.detach() if g.requires_grad else g  # no graph kept alive
         return g
 
 

@@ -83,7 +83,7 @@ class RecurrentGate(nn.Module):
         self.embed = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
         self.cell = nn.LSTMCell(embed_dim, hidden_dim)
         self.heads = nn.ModuleList(nn.Linear(hidden_dim, c) for c in out_channels)
-        self._fused: dict[int, tuple] = {}  # eval-mode cache, see _input_map
+        self._fused: dict[int, tuple] = {}  # eval-mode cache, see _eval_weights
         for head in self.heads:
             nn.init.constant_(head.bias, bias_init)
 
@@ -104,45 +104,54 @@ class RecurrentGate(nn.Module):
         h, c = self.cell(e, state)  # (B, H) each
         return self.heads[index](h), (h, c)  # (B, C_out)
 
-    def _input_map(self, index: int) -> tuple[Tensor, Tensor]:
-        """Embedding and the LSTM's input map as one affine map: ``(W^T (C_in, 4H), b (4H,))``.
+    def _eval_weights(self, index: int) -> tuple[Tensor, ...]:
+        """Layer ``index``'s gate as few, pre-transposed matrices for the eval step.
 
-        Both are linear, so ``W_ih (W_e p + b_e) + b_ih + b_hh = (W_ih W_e) p + b``: one matrix
-        product per layer instead of two (the gate runs once per layer and example, which at
-        batch 1 costs as much as a late layer's conv). Cached without autograd until a
-        parameter changes.
+        The embedding and the LSTM's input map are both linear, so
+        ``W_ih (W_e p + b_e) + b_ih + b_hh = (W_ih W_e) p + b``: one matrix product per layer
+        instead of two. The cell gate's rows are doubled so that one sigmoid serves all four
+        gates (``tanh(x) = 2 sigmoid(2x) - 1``). At batch 1 the gate runs once per layer and
+        costs as much as a late layer's conv, so its operation count matters. Cached, without
+        autograd, until a parameter changes.
+
+        Returns:
+            ``(W_in^T (C_in, 4H), b (4H,), W_hh^T (H, 4H), W_head^T (H, C_out), b_head)``.
         """
-        emb, cell = self.embed[index], self.cell
-        params = (emb.weight, emb.bias, cell.weight_ih, cell.bias_ih, cell.bias_hh)
+        emb, cell, head = self.embed[index], self.cell, self.heads[index]
+        params = (emb.weight, emb.bias, *cell.parameters(), head.weight, head.bias)
         if torch.is_grad_enabled():
-            return self._fuse(emb, cell)
+            return self._fuse(index)
         key = tuple((p.data_ptr(), p._version) for p in params)
         hit = self._fused.get(index)
         if hit is None or hit[0] != key:
-            hit = (key, *self._fuse(emb, cell))
+            hit = (key, *self._fuse(index))
             self._fused[index] = hit
-        return hit[1], hit[2]
+        return hit[1:]
 
-    @staticmethod
-    def _fuse(emb: nn.Linear, cell: nn.LSTMCell) -> tuple[Tensor, Tensor]:
-        w = (cell.weight_ih @ emb.weight).t().contiguous()  # (C_in, 4H)
-        b = cell.weight_ih @ emb.bias + cell.bias_ih + cell.bias_hh  # (4H,)
-        return w, b
+    def _fuse(self, index: int) -> tuple[Tensor, ...]:
+        emb, cell, head = self.embed[index], self.cell, self.heads[index]
+        hid = cell.hidden_size
+        scale = torch.ones(4 * hid, dtype=cell.weight_ih.dtype, device=cell.weight_ih.device)
+        scale[2 * hid : 3 * hid] = 2.0  # the cell gate g, PyTorch's order i, f, g, o
+        w_in = (scale[:, None] * (cell.weight_ih @ emb.weight)).t().contiguous()
+        b = scale * (cell.weight_ih @ emb.bias + cell.bias_ih + cell.bias_hh)
+        w_hh = (scale[:, None] * cell.weight_hh).t().contiguous()
+        return w_in, b, w_hh, head.weight.t().contiguous(), head.bias
 
     def _step_eval(
         self, index: int, pooled: Tensor, state: tuple[Tensor, Tensor] | None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """The same LSTM step with the fused input map (eval mode; equal up to rounding)."""
-        w, b = self._input_map(index)
-        gates = torch.addmm(b, pooled, w)  # (B, 4H), PyTorch's order: i, f, g, o
+        """The same LSTM step with fused, pre-scaled weights (eval mode; equal up to rounding)."""
+        w_in, b, w_hh, w_head, b_head = self._eval_weights(index)
+        gates = torch.addmm(b, pooled, w_in)  # (B, 4H)
         if state is not None:
-            gates = torch.addmm(gates, state[0], self.cell.weight_hh.t())
-        i, f, g, o = gates.chunk(4, 1)
-        g = torch.tanh(g)
-        i, o = torch.sigmoid(i), torch.sigmoid(o)
-        c = i * g if state is None else torch.addcmul(i * g, torch.sigmoid(f), state[1])
+            gates = gates.addmm(state[0], w_hh)
+        i, f, g2, o = torch.sigmoid(gates).chunk(4, 1)  # (B, H) each; tanh(g) = 2 * g2 - 1
+        c = torch.addcmul(-i, i, g2, value=2.0)  # i * tanh(g)
+        if state is not None:
+            c = c.addcmul(f, state[1])
         h = o * torch.tanh(c)  # (B, H)
-        return self.heads[index](h), (h, c)  # (B, C_out)
+        return torch.addmm(b_head, h, w_head), (h, c)  # (B, C_out)
 
 
 class CNNGate(nn.Module):

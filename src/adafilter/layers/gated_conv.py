@@ -35,7 +35,8 @@ class PolicySource(Protocol):
     def policy(self, index: int, x: Tensor) -> Tensor:
         """Return the (B, C_out) policy of gated layer ``index`` given its input ``x``.
 
-        Values are 0./1. floats (1 = fine-tuned filter); they may carry gradient.
+        Values are 0./1. floats (1 = fine-tuned filter) that may carry gradient, or bools
+        (True = fine-tuned) when gradients are off.
         """
         ...
 
@@ -198,7 +199,7 @@ class GatedConv2dBN(nn.Module):
             )
         g = source.policy(self.index, x)  # (B, C_out) in {0, 1}
         if not self.training and self.fast_eval and not torch.is_grad_enabled():
-            return self._forward_fast(x, g > 0.5)
+            return self._forward_fast(x, g if g.dtype == torch.bool else g > 0.5)
         # Skipping unused filters needs their count on the host: free on CPU, but on a GPU
         # that read would stall the launch queue once per layer, which costs more than it saves.
         if torch.is_grad_enabled() and self.subset_backward and x.device.type == "cpu":
