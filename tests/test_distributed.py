@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adafilter.errors import AdaFilterError
 from test_engine import (
     install_plugin,
     make_imagefolder,
@@ -111,3 +112,14 @@ def test_torchrun_two_processes(tmp_path: Path, device: str) -> None:
     assert ev.returncode == 0, ev.stderr
     res = json.loads(ev.stdout)
     assert res["images"] == 5 and res["test_acc"] == rows[-1]["test_acc"]
+
+
+def test_unknown_backend_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adafilter.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ADAFILTER_DIST_BACKEND", "ncl")
+    with pytest.raises(AdaFilterError, match="ADAFILTER_DIST_BACKEND='ncl'.*gloo"):
+        init_distributed(torch.device("cpu"))

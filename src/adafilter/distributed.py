@@ -16,7 +16,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .errors import AdaFilterError
+
 BACKEND_ENV = "ADAFILTER_DIST_BACKEND"
+BACKENDS = ("nccl", "gloo", "mpi", "ucc")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ def init_distributed(device: torch.device) -> DistEnv:
     env = env_from_environ()
     if env.enabled and not dist.is_initialized():
         backend = os.environ.get(BACKEND_ENV) or ("nccl" if device.type == "cuda" else "gloo")
+        if backend not in BACKENDS:
+            raise AdaFilterError(
+                f"{BACKEND_ENV}={backend!r} is not a process-group backend; "
+                f"use one of {', '.join(BACKENDS)} or unset it"
+            )
         dist.init_process_group(backend=backend)
     return env
 
