@@ -79,23 +79,47 @@ def _build(arch: str, device: torch.device) -> nn.Module:
 
 
 def _train_step_fn(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: torch.dtype | None = None,
+    *,
+    graphed: bool = False,
 ) -> Callable[[], None]:
+    """One SGD step on ``(x, y)``; ``graphed``: forward and backward replayed as CUDA graphs
+    (``torch.cuda.make_graphed_callables``), the optimizer eager."""
     if isinstance(model, AdaFilterModel):
         groups = model.param_groups(lr=0.01, gate_lr=0.1)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
     model.train()
+    forward = torch.cuda.make_graphed_callables(model, (x,)) if graphed else model
 
     def step() -> None:
         with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     return step
+
+
+def _train_setup(
+    arch: str, res: int, batch: int, device: torch.device, policy: str
+) -> tuple[nn.Module, AdaFilterModel, torch.Tensor, torch.Tensor]:
+    """Plain model, its AdaFilter wrap with ``policy`` (see :func:`bench_train`), a batch."""
+    plain = _build(arch, device)
+    ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
+    if policy == "trained-like":
+        _make_trained_like(ada)
+    elif policy == "random":
+        ada.set_policy_mode("random", seed=0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, res, res, generator=gen).to(device)
+    y = torch.randint(0, 100, (batch,), generator=gen).to(device)
+    return plain, ada, x, y
 
 
 def bench_train(
@@ -110,15 +134,7 @@ def bench_train(
     """Training step time. ``policy``: ``init`` (the gate as initialised: bias 3, every
     filter from F), ``trained-like`` (most filters' choice fixed, ~20% input-dependent) or
     ``random`` (random-policy mode, p=0.5: every filter needed from both branches)."""
-    plain = _build(arch, device)
-    ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
-    if policy == "trained-like":
-        _make_trained_like(ada)
-    elif policy == "random":
-        ada.set_policy_mode("random", seed=0)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, res, res, generator=gen).to(device)
-    y = torch.randint(0, 100, (batch,), generator=gen).to(device)
+    plain, ada, x, y = _train_setup(arch, res, batch, device, policy)
     med = _interleaved(
         {
             "finetune": _train_step_fn(plain, x, y, amp),
@@ -147,30 +163,11 @@ def bench_train_graphed(arch: str, res: int, batch: int, reps: int, policy: str)
     replaying a graph removes that cost, so this measures what the arithmetic itself costs.
     """
     device = torch.device("cuda")
-    plain = _build(arch, device)
-    ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res, device=device))
-    if policy == "trained-like":
-        _make_trained_like(ada)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, res, res, generator=gen).to(device)
-    y = torch.randint(0, 100, (batch,), generator=gen).to(device)
-    fns = {}
-    for name, model in (("finetune", plain), ("adafilter", ada)):
-        model.train()
-        if isinstance(model, AdaFilterModel):
-            groups = model.param_groups(lr=0.01, gate_lr=0.1)
-        else:
-            groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
-        graphed = torch.cuda.make_graphed_callables(model, (x,))
-
-        def step(graphed: Callable = graphed, opt: torch.optim.Optimizer = opt) -> None:
-            loss = nn.functional.cross_entropy(graphed(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        fns[name] = step
+    plain, ada, x, y = _train_setup(arch, res, batch, device, policy)
+    fns = {
+        name: _train_step_fn(model, x, y, graphed=True)
+        for name, model in (("finetune", plain), ("adafilter", ada))
+    }
     med = _interleaved(fns, reps, device)
     return {
         "arch": arch,

@@ -53,6 +53,7 @@ from .distributed import (
 )
 from .errors import AdaFilterError, CheckpointError
 from .methods import METHODS, Method, Prepared, derive_seed, trainable_per_example
+from .model import log_param_groups
 from .train_config import TrainConfig
 
 logger = logging.getLogger("adafilter")
@@ -105,16 +106,8 @@ def build_param_groups(
         prepared, lr=lr, gate_lr=gate_lr, weight_decay=weight_decay
     )
     groups = [g for g in groups if g["params"]]
-    for g in groups if not prepared.method.logs_param_groups else []:
-        n = sum(p.numel() for p in g["params"])
-        logger.info(
-            "optimizer group %-8s %4d tensors %12s params lr %g weight_decay %g",
-            g["name"],
-            len(g["params"]),
-            f"{n:,}",
-            g["lr"],
-            g["weight_decay"],
-        )
+    if not prepared.method.logs_param_groups:
+        log_param_groups(groups)
     return groups
 
 

@@ -265,15 +265,7 @@ class AdaFilterModel(nn.Module):
             {"name": "network", "params": net, "lr": lr, "weight_decay": weight_decay},
             {"name": "gate", "params": gate, "lr": gate_lr, "weight_decay": weight_decay},
         ]
-        for grp in groups:
-            n = sum(p.numel() for p in grp["params"])
-            logger.info(
-                "param group %-8s %4d tensors %12s parameters lr %g",
-                grp["name"],
-                len(grp["params"]),
-                f"{n:,}",
-                grp["lr"],
-            )
+        log_param_groups(groups)
         return groups
 
     def parameter_counts(self) -> dict[str, int]:
@@ -286,6 +278,19 @@ class AdaFilterModel(nn.Module):
             "frozen": total - trainable,
             "gate": sum(p.numel() for p in self.gate.parameters()),
         }
+
+
+def log_param_groups(groups: Sequence[dict[str, Any]]) -> None:
+    """Log each optimizer group's name, tensor and parameter count, lr and weight decay."""
+    for grp in groups:
+        logger.info(
+            "param group %-8s %4d tensors %12s parameters lr %g weight_decay %g",
+            grp.get("name", "?"),
+            len(grp["params"]),
+            f"{sum(p.numel() for p in grp['params']):,}",
+            grp["lr"],
+            grp.get("weight_decay", 0.0),
+        )
 
 
 def mark_trainable(model: AdaFilterModel) -> None:

@@ -130,9 +130,9 @@ def _stacked(bns: tuple[nn.BatchNorm2d, nn.BatchNorm2d], dtype: torch.dtype) -> 
     return out
 
 
-def _per_bn(bns: tuple[nn.BatchNorm2d, nn.BatchNorm2d], value: object) -> object:
-    """A hyper-parameter shared by both BNs as a scalar, else as a (2, 1) tensor."""
-    a, b = (getattr(bn, str(value)) for bn in bns)
+def _shared(bns: tuple[nn.BatchNorm2d, nn.BatchNorm2d], name: str) -> float | Tensor:
+    """BN hyper-parameter ``name`` (e.g. ``eps``): a scalar if both BNs agree, else (2, 1)."""
+    a, b = (getattr(bn, name) for bn in bns)
     if a == b:
         return a
     return torch.tensor([[a], [b]], device=bns[0].running_mean.device)
@@ -155,7 +155,7 @@ def _both_stats(
         masks: (2, B, C): 1. where the example's channel is routed to F (row 0) / S (row 1).
     """
     weight, bias, run_mean, run_var = _stacked(bns, masks.dtype)  # (2, C) each
-    eps = _per_bn(bns, "eps")
+    eps = _shared(bns, "eps")
     if stats is None:
         rstd = torch.rsqrt(run_var + eps)
         scale = weight * rstd
@@ -176,15 +176,12 @@ def _both_stats(
     with torch.no_grad():
         for bn in bns:
             bn.num_batches_tracked.add_(1)
-        momentum = [bn.momentum for bn in bns]
-        # None: cumulative moving average, as nn.BatchNorm2d
-        momentum = [
-            1.0 / float(bn.num_batches_tracked) if m is None else m
-            for bn, m in zip(bns, momentum, strict=True)
+        # momentum None: cumulative moving average, as nn.BatchNorm2d
+        m = [
+            1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            for bn in bns
         ]
-        mom = (
-            momentum[0] if momentum[0] == momentum[1] else masks.new_tensor([[m] for m in momentum])
-        )
+        mom = m[0] if m[0] == m[1] else masks.new_tensor([[m[0]], [m[1]]])
         unbiased = var * n / (n - 1).clamp(min=1)
         new_mean = torch.where(use_batch, torch.lerp(run_mean, mean, mom), run_mean)
         new_var = torch.where(use_batch, torch.lerp(run_var, unbiased, mom), run_var)
@@ -270,9 +267,8 @@ class _GatedBNFunction(torch.autograd.Function):
             else:
                 dx = torch.addcmul(k3[i], dy, k1[i])
                 dxs.append(dx.addcmul_(x, k2[i]))
-        dg = _policy_grad(st, a, p) if ctx.needs_input_grad[2] else None
-        if dg is not None:
-            dg = dg.to(masks.dtype if dy.dtype == masks.dtype else dy.dtype)
+        # g entered in the activations' dtype (float32 statistics under autocast)
+        dg = _policy_grad(st, a, p).to(dy.dtype) if ctx.needs_input_grad[2] else None
         return dxs[0], dxs[1], dg, dgamma[0], dbeta[0], dgamma[1], dbeta[1], None, None, None
 
 
