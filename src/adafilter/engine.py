@@ -15,6 +15,7 @@ checkpoint also stores and restores the RNG states themselves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -55,6 +56,9 @@ from .errors import AdaFilterError, CheckpointError
 from .methods import METHODS, Method, Prepared, derive_seed, trainable_per_example
 from .model import log_param_groups
 from .train_config import TrainConfig
+from .training.optim import build_optimizer
+from .training.precise_bn import recalibrate_bn, set_bn_momentum
+from .training.telemetry import GateTelemetry
 
 logger = logging.getLogger("adafilter")
 
@@ -81,6 +85,8 @@ _RESUME_KEYS = (
     "adafilter",
     "gate_backbone",
     "subset_per_class",
+    "train_per_class",
+    "val_fraction",
     "seed",
 )
 
@@ -109,11 +115,6 @@ def build_param_groups(
     if not prepared.method.logs_param_groups:
         log_param_groups(groups)
     return groups
-
-
-def build_optimizer(groups: list[dict[str, Any]], *, momentum: float) -> torch.optim.SGD:
-    """SGD with momentum over ``groups`` (each keeps its own lr and weight decay)."""
-    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
 
 
 def build_scheduler(
@@ -227,6 +228,7 @@ def train_one_epoch(
     env: DistEnv | None = None,
     progress: bool = False,
     graphed: GraphedForward | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` with cross-entropy (+ ``regularizer``) and SGD steps.
 
@@ -244,9 +246,10 @@ def train_one_epoch(
         env: The DDP environment; loss/accuracy are summed over ranks.
         progress: Show a tqdm bar.
         graphed: Run the forward through this CUDA-graph wrapper of ``model``.
+        after_backward: Called after each backward, before the optimizer step (telemetry).
 
     Returns:
-        ``{"loss", "acc", "images", "seconds", "images_per_second"}``: mean cross-entropy
+        ``{"loss", "acc", "images", "steps", "seconds", "images_per_second"}``: mean cross-entropy
         (without the regularizer) and accuracy in percent over all ranks' images.
     """
     env = env or DistEnv()
@@ -255,6 +258,7 @@ def train_one_epoch(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
     start = time.perf_counter()
+    step = 0
     for step, (images, labels) in enumerate(
         _progress(loader, enabled=progress, desc=f"train {epoch}"), start=1
     ):
@@ -274,10 +278,15 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+            if after_backward is not None:
+                after_backward()
             scaler.step(optimizer)
             scaler.update()
         else:
             total.backward()
+            if after_backward is not None:
+                after_backward()
             optimizer.step()
         n = labels.shape[0]
         sums += torch.stack(
@@ -299,6 +308,7 @@ def train_one_epoch(
         "loss": loss_sum / count,
         "acc": 100.0 * correct / count,
         "images": int(count),
+        "steps": step,
         "seconds": seconds,
         "images_per_second": count / max(seconds, 1e-9),
     }
@@ -573,12 +583,23 @@ def _policy_json(policy: dict[str, Any], class_names: list[str]) -> dict[str, An
 
 
 def run_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, Any]:
-    """The run's ``(train, eval, info)`` datasets, preprocessed for its backbone."""
+    """The run's ``(train, eval, info)`` datasets, preprocessed for its backbone.
+
+    With ``config.val_fraction`` the validation images are already removed from ``train``;
+    :func:`validation_split` returns them.
+    """
+    train, evals, info = _base_datasets(config)
+    if config.val_fraction > 0:
+        train, _ = validation_split(train, evals, config)
+    return train, evals, info
+
+
+def _base_datasets(config: TrainConfig) -> tuple[Any, Any, Any]:
     from .backbones import BACKBONES
     from .data import build_datasets
 
     spec = BACKBONES.get(config.backbone)
-    return build_datasets(
+    train, evals, info = build_datasets(
         config.dataset,
         config.data_root or None,
         resolution=config.resolution or spec.default_resolution,
@@ -588,6 +609,158 @@ def run_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, Any]:
         download=config.download,
         subset_per_class=config.subset_per_class,
     )
+    if config.train_per_class is not None:
+        from .data.api import with_transform
+        from .data.base import balanced_subset
+
+        keep = balanced_subset(
+            train.targets, config.train_per_class, derive_seed(config.seed, "few")
+        )
+        train = with_transform(train, train.transform, indices=keep)
+        info = dataclasses.replace(info, num_train=len(train))
+    return train, evals, info
+
+
+def validation_split(train: Any, evals: Any, config: TrainConfig) -> tuple[Any, Any]:
+    """``(train, val)``: a stratified share ``config.val_fraction`` of the training images,
+    seeded by ``config.seed``, held out with the evaluation transform."""
+    from .data.api import carve_validation
+
+    return carve_validation(
+        train, evals.transform, config.val_fraction, derive_seed(config.seed, "val")
+    )
+
+
+def _run_splits(config: TrainConfig) -> tuple[Any, Any | None, Any, Any]:
+    """``(train, val or None, eval, info)``."""
+    train, evals, info = _base_datasets(config)
+    val = None
+    if config.val_fraction > 0:
+        train, val = validation_split(train, evals, config)
+    return train, val, evals, info
+
+
+def _calibration_loader(
+    train_ds: Any, eval_ds: Any, *, config: TrainConfig, batch_size: int, env: DistEnv, pin: bool
+) -> DataLoader | None:
+    """``config.precise_bn`` batches of training images through the evaluation transform.
+
+    A fixed, seeded draw (the same every evaluation, shuffled so no batch is one class: the
+    train-mode forward normalises each batch with its own statistics). Under DDP every rank
+    takes its shard.
+    """
+    if config.precise_bn <= 0:
+        return None
+    from .data.api import with_transform
+
+    n = min(len(train_ds), config.precise_bn * batch_size * env.world_size)
+    order = np.random.default_rng(derive_seed(config.seed, "precise-bn")).permutation(len(train_ds))
+    calib = with_transform(
+        train_ds, eval_ds.transform, indices=[int(i) for i in order[:n]], name="precise-bn"
+    )
+    sampler = ShardSampler(len(calib), rank=env.rank, world_size=env.world_size)
+    return DataLoader(
+        calib, batch_size=batch_size, sampler=sampler, num_workers=config.workers, pin_memory=pin
+    )
+
+
+def _probe_batch(train_ds: Any, eval_ds: Any, config: TrainConfig, device: torch.device) -> Tensor:
+    """A fixed batch of training images (evaluation transform) for the gate telemetry."""
+    from .data.api import with_transform
+
+    n = min(len(train_ds), 64)
+    order = np.random.default_rng(derive_seed(config.seed, "probe")).permutation(len(train_ds))
+    probe = with_transform(
+        train_ds, eval_ds.transform, indices=[int(i) for i in order[:n]], name="probe"
+    )
+    return torch.stack([probe[i][0] for i in range(n)]).to(device)
+
+
+def recalibrate(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    env: DistEnv | None = None,
+) -> int:
+    """Precise BN over ``loader``'s images (see :func:`.training.precise_bn.recalibrate_bn`).
+
+    Returns:
+        The number of BN modules recomputed.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def batches() -> Iterable[Tensor]:
+        for images, _ in loader:
+            yield images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+
+    def forward(x: Tensor) -> Any:
+        with _autocast(device, amp_dtype):
+            return model(x)
+
+    # Calibrate with the evaluation's policies: no exploration noise.
+    quiet_gate = getattr(model, "without_gate_noise", contextlib.nullcontext)
+    with quiet_gate():
+        return recalibrate_bn(model, batches(), forward=forward, env=env)
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    """One log line per epoch; evaluation fields only where the epoch was evaluated."""
+    parts = [
+        f"epoch {row['epoch']}/{epochs} lr {row['lr'] or 0.0:.3g}",
+        f"train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.2f}",
+    ]
+    for split in ("val", "test"):
+        if row.get(f"{split}_acc") is not None:
+            parts.append(
+                f"{split}_loss {row[f'{split}_loss']:.4f} {split}_acc {row[f'{split}_acc']:.2f}"
+            )
+    parts.append(f"{row['seconds']:.1f}s {row['images_per_second']:.0f} img/s")
+    return " ".join(parts)
+
+
+def _evaluate_epoch(
+    prepared: Prepared,
+    *,
+    loaders: dict[str, Any],
+    device: torch.device,
+    num_classes: int,
+    skip: bool,
+    collect_policies: bool,
+    seed: int,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    env: DistEnv,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Precise BN (if a calibration loader is given), then the validation and test splits.
+
+    Returns:
+        ``{"val": {...}, "test": {...}}``, each empty when that split is absent or skipped.
+    """
+    out: dict[str, dict[str, Any]] = {"val": {}, "test": {}}
+    if skip:
+        return out
+    module = prepared.model
+    kw = {"device": device, "amp_dtype": amp_dtype, "channels_last": channels_last, "env": env}
+    if loaders.get("calib") is not None:
+        recalibrate(module, loaders["calib"], **kw)
+    for split in ("val", "test"):
+        if loaders.get(split) is None:
+            continue
+        # The same policy draws at every evaluation, so `adafilter eval` reproduces test_acc.
+        prepared.method.on_evaluate(prepared, seed=seed, rank=env.rank)
+        out[split] = evaluate(
+            module,
+            loaders[split],
+            num_classes=num_classes,
+            collect_policies=collect_policies and split == "test",
+            progress=progress,
+            **kw,
+        )
+    return out
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -635,14 +808,14 @@ def fit(config: TrainConfig) -> dict[str, Any]:
             f"output directory {str(out)!r} already holds a run; pass --resume to continue it "
             "or choose another --out"
         )
-    train_ds, eval_ds, dinfo = run_datasets(config)
+    splits = _run_splits(config)
 
     # All ranks have checked the output directory before rank 0 can write (init is a barrier).
     # The CUDA device is selected before the process group exists so NCCL binds to it.
     device = resolve_device(config.device, env_from_environ())
     env = init_distributed(device)
     try:
-        return _fit(config, env=env, device=device, ckpt=ckpt, datasets=(train_ds, eval_ds, dinfo))
+        return _fit(config, env=env, device=device, ckpt=ckpt, splits=splits)
     finally:
         cleanup_distributed()
 
@@ -653,7 +826,7 @@ def _fit(
     env: DistEnv,
     device: torch.device,
     ckpt: dict[str, Any] | None,
-    datasets: tuple[Dataset, Dataset, Any],
+    splits: tuple[Any, Any | None, Any, Any],
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     amp_dtype = _amp_dtype(config.amp, device)
@@ -665,11 +838,13 @@ def _fit(
     quiet = config.quiet or not main
     progress = not quiet and sys.stderr.isatty()
 
-    train_ds, eval_ds, dinfo = datasets
+    train_ds, val_ds, eval_ds, dinfo = splits
     num_classes = int(dinfo.num_classes)
     prepared, _ = build_model(config, num_classes=num_classes)
     method = prepared.method
     module = prepared.model.to(device)
+    if config.bn_momentum is not None:
+        set_bn_momentum(module, config.bn_momentum)
     if config.channels_last:
         module = module.to(memory_format=torch.channels_last)
     regularizer = prepared.regularizer.to(device) if prepared.regularizer is not None else None
@@ -677,7 +852,9 @@ def _fit(
     groups = build_param_groups(
         prepared, lr=config.lr, gate_lr=config.gate_lr, weight_decay=config.weight_decay
     )
-    optimizer = build_optimizer(groups, momentum=config.momentum)
+    optimizer = build_optimizer(
+        groups, momentum=config.momentum, gate_optimizer=config.gate_optimizer
+    )
     scheduler = build_scheduler(optimizer, milestones=config.milestones, gamma=config.gamma)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -721,6 +898,17 @@ def _fit(
     eval_loader = _eval_loader(
         eval_ds, batch_size=per_rank_batch, workers=config.workers, env=env, pin=pin
     )
+    val_loader = None
+    if val_ds is not None:
+        val_loader = _eval_loader(
+            val_ds, batch_size=per_rank_batch, workers=config.workers, env=env, pin=pin
+        )
+    calib_loader = _calibration_loader(
+        train_ds, eval_ds, config=config, batch_size=per_rank_batch, env=env, pin=pin
+    )
+    telemetry = None
+    if method.trains_gate:
+        telemetry = GateTelemetry(module, _probe_batch(train_ds, eval_ds, config, device))
     counts = method.parameter_counts(prepared)
     class_names = list(dinfo.class_names)
     policy: dict[str, Any] | None = None
@@ -737,8 +925,14 @@ def _fit(
             "backbone": config.backbone,
             "seed": config.seed,
             "final_test_acc": metrics[-1]["test_acc"] if metrics else None,
-            "best_test_acc": max((m["test_acc"] for m in metrics), default=None),
+            "best_test_acc": max(
+                (m["test_acc"] for m in metrics if m.get("test_acc") is not None), default=None
+            ),
+            "final_val_acc": metrics[-1].get("val_acc") if metrics else None,
             "epochs": len(metrics),
+            "sgd_steps": sum(m.get("steps", 0) for m in metrics),
+            "num_train": len(train_ds),
+            "num_val": len(val_ds) if val_ds is not None else 0,
             "params": {**counts, "trainable_per_example": per_example},
             "wall_time_s": wall_before + time.perf_counter() - t0,
             "images_per_second": images / seconds if seconds > 0 else None,
@@ -777,22 +971,25 @@ def _fit(
             env=env,
             progress=progress,
             graphed=graphed,
+            after_backward=telemetry.after_backward if telemetry is not None else None,
         )
-        method.on_evaluate(prepared, seed=config.seed, rank=env.rank)
         last = epoch == config.epochs
-        test = evaluate(
-            module,
-            eval_loader,
+        evaluated = _evaluate_epoch(
+            prepared,
+            loaders={"calib": calib_loader, "val": val_loader, "test": eval_loader},
             device=device,
             num_classes=num_classes,
+            skip=not (last or epoch % config.eval_every == 0),
             collect_policies=method.has_policies and last,
+            seed=config.seed,
             amp_dtype=amp_dtype,
             channels_last=config.channels_last,
             env=env,
             progress=progress,
         )
+        test = evaluated["test"]
         scheduler.step()
-        for ds in (train_ds, eval_ds):  # one counting warning per epoch for unreadable images
+        for ds in (train_ds, val_ds, eval_ds):  # one counting warning per epoch for bad images
             report = getattr(ds, "report_skipped", None)
             if report is not None:
                 report()
@@ -802,28 +999,21 @@ def _fit(
             "gate_lr": gate_lr if method.trains_gate else None,
             "train_loss": train["loss"],
             "train_acc": train["acc"],
-            "test_loss": test["loss"],
-            "test_acc": test["acc"],
+            "steps": train["steps"],
+            "val_loss": evaluated["val"].get("loss"),
+            "val_acc": evaluated["val"].get("acc"),
+            "test_loss": test.get("loss"),
+            "test_acc": test.get("acc"),
             "seconds": time.perf_counter() - t_epoch,
             "images_per_second": train["images_per_second"],
         }
+        if telemetry is not None:
+            row["gate"] = telemetry.epoch_end()
         metrics.append(row)
         if "policy" in test:
             policy = test["policy"]
         if not quiet:
-            logger.info(
-                "epoch %d/%d lr %.3g train_loss %.4f train_acc %.2f test_loss %.4f "
-                "test_acc %.2f %.1fs %.0f img/s",
-                epoch,
-                config.epochs,
-                lr or 0.0,
-                row["train_loss"],
-                row["train_acc"],
-                row["test_loss"],
-                row["test_acc"],
-                row["seconds"],
-                row["images_per_second"],
-            )
+            logger.info("%s", _epoch_line(row, config.epochs))
         if main:
             # Checkpoint first: the result files never get ahead of what --resume restores.
             save_checkpoint(
@@ -880,16 +1070,15 @@ def evaluate_checkpoint(
         ``{"checkpoint", "epoch", "method", "dataset", "backbone", "test_acc", "test_loss",
         "images", "recorded_test_acc"}``.
     """
+    from .inference import rebuild_model  # the one place that rebuilds a saved model
 
     path = Path(path)
     ckpt = load_checkpoint(path)
-    try:
-        config = TrainConfig.from_dict(ckpt["config"], source=f"checkpoint {str(path)!r}")
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} lacks a valid config ({e})") from None
+    rebuilt = rebuild_model(ckpt, path)  # also runs the method's evaluation hook
+    config = rebuilt.config
     if data_root is not None:
         config = config.replace(data_root=str(data_root))
-    num_classes = int(ckpt["num_classes"])
+    num_classes = rebuilt.num_classes
     env = DistEnv()
     dev = resolve_device(device, env)
     _, eval_ds, dinfo = run_datasets(config.replace(download=False))
@@ -898,14 +1087,10 @@ def evaluate_checkpoint(
             f"data root {config.data_root!r} has {dinfo.num_classes} classes; the checkpoint "
             f"was trained on {num_classes}"
         )
-    prepared, _ = build_model(config, num_classes=num_classes, pretrained=False)
-    module = prepared.model
-    _load_model_state(module, ckpt["model"], path)
-    module.to(dev)
+    module = rebuilt.model.to(dev)
     world = int(ckpt.get("world_size", 1))
     bs = batch_size or max(1, config.batch_size // world)
     loader = _eval_loader(eval_ds, batch_size=bs, workers=workers, env=env, pin=dev.type == "cuda")
-    prepared.method.on_evaluate(prepared, seed=config.seed, rank=0)
     res = evaluate(module, loader, device=dev, num_classes=num_classes)
     metrics = ckpt.get("metrics") or []
     return {

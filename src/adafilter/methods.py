@@ -324,6 +324,13 @@ class L2SP(FineTune):
 # ---- AdaFilter and its ablations ------------------------------------------------------------
 
 
+class PolicyCost(nn.Module):
+    """``model.policy_loss()``: the learned gate's usage cost (``AdaFilterConfig.policy_cost``)."""
+
+    def forward(self, model: nn.Module) -> Tensor:  # type: ignore[override]
+        return model.policy_loss()
+
+
 @dataclass(frozen=True)
 class AdaFilterMethod(Method):
     """AdaFilter with fixed :class:`~adafilter.AdaFilterConfig` overrides and a policy source.
@@ -366,7 +373,12 @@ class AdaFilterMethod(Method):
 
             raise AdaFilterError(f"invalid adafilter option: {e}") from None
         gate_net = gate_network() if cfg.gate == "cnn" and gate_network is not None else None
-        m = wrap(network, config=cfg, example_input=example_input, gate_network=gate_net)
+        try:
+            m = wrap(network, config=cfg, example_input=example_input, gate_network=gate_net)
+        except ValueError as e:  # e.g. a BN-free backbone: nothing to gate
+            from .errors import AdaFilterError
+
+            raise AdaFilterError(f"method {self.name!r}: {e}") from None
         if self.policy != "learned":
             m.gate.requires_grad_(False)  # never used: keep it out of DDP and the optimizer
             m.set_policy_mode(self.policy, p=cfg.random_p, seed=0)
@@ -375,7 +387,8 @@ class AdaFilterMethod(Method):
             "policy_mode": self.policy,
             "gated_layers": len(m.gated_layer_names),
         }
-        return Prepared(model=m, method=self, info=info)
+        cost = PolicyCost() if self.policy == "learned" and cfg.policy_cost > 0 else None
+        return Prepared(model=m, method=self, regularizer=cost, info=info)
 
     def param_groups(
         self, prepared: Prepared, *, lr: float, gate_lr: float, weight_decay: float
@@ -449,6 +462,15 @@ METHODS.add(
         "random-policy",
         "AdaFilter with random Bernoulli(0.5) policies, no gate",
         policy="random",
+        trains_gate=False,
+    ),
+)
+METHODS.add(
+    "adafilter-all-f",
+    AdaFilterMethod(
+        "adafilter-all-f",
+        "AdaFilter with every filter forced to F, no gate: equals fine-tuning (a check)",
+        policy="finetuned",
         trains_gate=False,
     ),
 )

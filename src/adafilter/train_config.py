@@ -17,6 +17,30 @@ from .errors import AdaFilterError
 
 AMP_MODES = ("off", "bf16", "fp16")
 
+# Named option sets (``--preset``): applied over the defaults, under a config file and flags.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's published settings (Implementation Details): SGD, momentum 0.9, lr 0.01
+    # (network) / 0.1 (gate), batch 64, 110 epochs, x0.1 after 30/60/90; the policy heads'
+    # bias is not published: 0 (PyTorch initialises biases around 0); no BN recalibration.
+    "paper": {
+        "epochs": 110,
+        "batch_size": 64,
+        "lr": 0.01,
+        "gate_lr": 0.1,
+        "momentum": 0.9,
+        "milestones": [30, 60, 90],
+        "gate_optimizer": "sgd",
+        "precise_bn": 0,
+        "adafilter": {
+            "gate_bias_init": 0.0,
+            "ste": "identity",
+            "gate_noise": 0.0,
+            "policy_cost": 0.0,
+        },
+    },
+}
+GATE_OPTIMIZERS = ("sgd", "adam")
+
 
 @dataclass
 class TrainConfig:
@@ -50,13 +74,27 @@ class TrainConfig:
             replay it (single process, CUDA only; ignored with a warning otherwise). AdaFilter
             runs many small operations per layer, and an eager GPU step is bound by launching
             them; see the README's speed table.
-        subset_per_class: Keep at most this many training images per class (quick runs).
+        subset_per_class: Keep at most this many images per class in both splits (quick runs).
+        train_per_class: Keep at most this many training images per class (the evaluation
+            split stays whole): few-shot regimes such as Caltech-256-30.
         gate_backbone: Feature extractor of the ``cnn-gate`` method.
         gate_weights: Its weights (``None``, ``"pretrained"`` or a file).
         l2sp_alpha: L2-SP weight of ``||w - w0||^2`` over the pretrained parameters.
         l2sp_beta: L2-SP weight of ``||w||^2`` over the new head.
         random_p: Probability of the fine-tuned filter for ``random-policy``.
         adafilter: Overrides of :class:`adafilter.AdaFilterConfig` fields (e.g. ``embed_dim``).
+        precise_bn: Before every evaluation (and so before the final checkpoint), recompute
+            every BN's running statistics exactly over this many training batches (training
+            images through the evaluation transform, train mode, no gradients; each gated BN
+            branch from the examples routed to it). 0 turns it off.
+        bn_momentum: Override the backbone's BN momentum for fine-tuning (``None`` keeps it:
+            0.1 for torchvision ResNets, as the paper's ResNet-50; 0.01 for TF-ported
+            EfficientNets such as Lite0).
+        eval_every: Evaluate every N epochs (the final epoch always).
+        val_fraction: Hold out this share of each class's training images as a validation
+            split (stratified, seeded), evaluated beside the test split; 0 turns it off.
+        gate_optimizer: ``"sgd"`` (the paper: SGD with momentum at ``gate_lr``) or ``"adam"``
+            for the gate's parameters (the network always trains with SGD).
         download: Let the dataset builder download missing data.
         quiet: Print nothing but warnings and errors.
         resume: Continue from ``<out>/checkpoint.pt`` if it exists.
@@ -84,12 +122,18 @@ class TrainConfig:
     channels_last: bool = False
     cuda_graphs: bool = False
     subset_per_class: int | None = None
+    train_per_class: int | None = None
     gate_backbone: str = "resnet18"
     gate_weights: str | None = None
     l2sp_alpha: float = 0.01
     l2sp_beta: float = 0.01
     random_p: float = 0.5
     adafilter: dict[str, Any] = field(default_factory=dict)
+    precise_bn: int = 16
+    bn_momentum: float | None = None
+    eval_every: int = 1
+    val_fraction: float = 0.0
+    gate_optimizer: str = "sgd"
     download: bool = False
     quiet: bool = False
     resume: bool = False
@@ -98,7 +142,18 @@ class TrainConfig:
         if isinstance(self.milestones, str):
             self.milestones = parse_int_list(self.milestones, "milestones")
         self.milestones = sorted(int(m) for m in self.milestones)
-        for name in ("epochs", "batch_size"):
+        if self.precise_bn < 0:
+            raise AdaFilterError(f"precise_bn must be >= 0 batches, got {self.precise_bn!r}")
+        if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
+            raise AdaFilterError(f"bn_momentum must be in (0, 1], got {self.bn_momentum!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise AdaFilterError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.gate_optimizer not in GATE_OPTIMIZERS:
+            raise AdaFilterError(
+                f"gate_optimizer must be one of {', '.join(GATE_OPTIMIZERS)}, "
+                f"got {self.gate_optimizer!r}"
+            )
+        for name in ("epochs", "batch_size", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise AdaFilterError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.workers < 0:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..errors import DataError
 from .base import ImageList, SafeImageDataset, UnreadableImageError, balanced_subset
@@ -174,3 +177,54 @@ def check_data_root(
                 "replace them (training skips them with a warning)"
             )
     return {"dataset": name, "train": len(train), "eval": len(evals), "classes": len(train.classes)}
+
+
+def with_transform(
+    ds: SafeImageDataset,
+    transform: Callable[[Any], Any] | None,
+    *,
+    indices: Sequence[int] | None = None,
+    name: str | None = None,
+) -> SafeImageDataset:
+    """A copy of ``ds`` (optionally only ``indices``) that applies ``transform``.
+
+    The copy has its own sample list, so setting its transform never changes ``ds``.
+    """
+    base = ds.base.subset(range(len(ds.base)) if indices is None else indices)
+    base.transform = transform
+    return SafeImageDataset(base, name or ds.name, strict=ds.strict)
+
+
+def carve_validation(
+    train: SafeImageDataset, eval_transform: Callable[[Any], Any] | None, fraction: float, seed: int
+) -> tuple[SafeImageDataset, SafeImageDataset]:
+    """Split a stratified, seeded validation set off the training split.
+
+    Args:
+        train: The training split.
+        eval_transform: Transform of the validation images (the evaluation one).
+        fraction: Share of each class's images that go to validation (at least one per class
+            with two or more images).
+        seed: Selection seed.
+
+    Returns:
+        ``(train, val)``: the remaining training images (training transform) and the held-out
+        ones.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(train.targets):
+        by_class.setdefault(int(t), []).append(i)
+    val: list[int] = []
+    for label in sorted(by_class):
+        idx = rng.permutation(np.asarray(by_class[label]))
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        val.extend(int(i) for i in idx[:k])
+    held = set(val)
+    rest = [i for i in range(len(train.targets)) if i not in held]
+    return (
+        with_transform(train, train.transform, indices=rest),
+        with_transform(train, eval_transform, indices=sorted(val), name=f"{train.name}:val"),
+    )

@@ -15,7 +15,8 @@ Degenerate branches. A branch that holds very few values for a channel (one exam
 spatial size: 4 values) has a variance estimate near zero; normalising by it and
 back-propagating through ``1/sqrt(var)`` blows activations and gradients up. A branch therefore
 uses its batch statistics for channel ``c`` only if it has at least ``min_examples`` examples
-and ``min_examples * H * W >= min_values`` values; otherwise it normalises that channel with its
+and ``min_examples * H * W >= min_values`` values -- or holds every example in every channel (an
+all-F or all-S layer), when it is a standard BN; otherwise it normalises that channel with its
 running statistics (treated as constants, as in eval mode) and leaves them unchanged. Variances
 are combined from per-example statistics with Chan's parallel formula, never as
 ``E[x^2] - E[x]^2``.
@@ -32,10 +33,34 @@ calls would need several times that.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+# (bn_f, bn_s), mean (2, C), biased var (2, C), values n (2, C) of each branch's batch
+BranchStatsObserver = Callable[
+    [tuple[nn.BatchNorm2d, nn.BatchNorm2d], Tensor, Tensor, Tensor], None
+]
+_OBSERVER: ContextVar[BranchStatsObserver | None] = ContextVar("gated_bn_observer", default=None)
+
+
+@contextmanager
+def observe_branch_stats(observer: BranchStatsObserver) -> Iterator[None]:
+    """Call ``observer`` with every gated BN's per-branch batch statistics in the block.
+
+    Used to recompute running statistics exactly ("precise BN"): the observer receives the
+    mean, biased variance and value count of the examples routed to each branch, before the
+    minimum-examples rule decides what the running statistics see.
+    """
+    token = _OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
 
 
 def _low(x: Tensor) -> bool:
@@ -169,7 +194,14 @@ def _both_stats(
     # Chan et al.: M2 = sum_b [M2_b + hw * (mean_b - mean)^2] over the branch's examples.
     m2 = (masks * (var_bc + (mean_bc - mean[:, None]) ** 2)).sum(1) * hw
     var = m2 / n.clamp(min=1)
-    use_batch = (k >= min_examples) & (n >= min_values)
+    observer = _OBSERVER.get()
+    if observer is not None:
+        observer(bns, mean.detach(), var.detach(), n)
+    # A branch holding every example in every channel (an all-F or all-S layer) is a standard
+    # BN, so it uses batch statistics whenever nn.BatchNorm2d would (more than one value):
+    # all-F AdaFilter == fine-tuning, also where feature maps are tiny.
+    whole = (k == masks.shape[1]).all(1, keepdim=True) & (n > 1)  # (2, C)
+    use_batch = ((k >= min_examples) & (n >= min_values)) | whole
     mu = torch.where(use_batch, mean, run_mean)
     rstd = torch.rsqrt(torch.where(use_batch, var, run_var) + eps)
     scale = weight * rstd

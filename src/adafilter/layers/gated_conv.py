@@ -144,6 +144,9 @@ class GatedConv2dBN(nn.Module):
         bn_min_examples: See :func:`adafilter.layers.gated_bn.gated_batch_norm`.
         bn_min_values: See :func:`adafilter.layers.gated_bn.gated_batch_norm`.
         fast_eval: Use the single-conv inference path in eval mode without gradients.
+        fixed_stats: Normalise with the running statistics in training too and never update
+            them (a frozen BN, e.g. ``torchvision.ops.FrozenBatchNorm2d``, converted to
+            ``bn``); the affine parameters still train.
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class GatedConv2dBN(nn.Module):
         bn_min_examples: int = 2,
         bn_min_values: int = 16,
         fast_eval: bool = True,
+        fixed_stats: bool = False,
     ) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
@@ -167,6 +171,7 @@ class GatedConv2dBN(nn.Module):
         self.bn_min_examples = bn_min_examples
         self.bn_min_values = bn_min_values
         self.fast_eval = fast_eval
+        self.fixed_stats = fixed_stats
         self.subset_backward = True  # False: plain autograd through both convs (reference)
         self.conv_s = conv  # frozen pretrained filters S (the original module)
         self.conv_f = copy.deepcopy(conv)  # trainable filters F, same initial weights
@@ -206,7 +211,11 @@ class GatedConv2dBN(nn.Module):
             sel = g.detach() > 0.5  # (B, C)
             conv = _SubsetBackwardConv.apply
             xf = conv(x, self.conv_f.weight, self.conv_f.bias, sel.any(0), self.conv_f)
-            xs = conv(x, self.conv_s.weight, self.conv_s.bias, ~sel.all(0), self.conv_s)
+            if not g.requires_grad and bool(sel.all()):
+                # A fixed all-F policy (no policy gradient wants BN_S(S x)): S is never read.
+                xs = xf.detach()
+            else:
+                xs = conv(x, self.conv_s.weight, self.conv_s.bias, ~sel.all(0), self.conv_s)
         else:
             xf = self._conv(x, self.conv_f.weight, self.conv_f.bias)  # (B, C, H', W')
             xs = self._conv(x, self.conv_s.weight, self.conv_s.bias)  # (B, C, H', W')
@@ -217,12 +226,18 @@ class GatedConv2dBN(nn.Module):
                 g,
                 self.bn_f,
                 self.bn_s,
-                training=self.training,
+                training=self.training and not self.fixed_stats,
                 min_examples=self.bn_min_examples,
                 min_values=self.bn_min_values,
             )
         gate = g.to(xf.dtype)[:, :, None, None]  # (B, C, 1, 1)
-        return self.bn(xs + gate * (xf - xs))  # Eq. 1, then one standard BN
+        z = xs + gate * (xf - xs)  # Eq. 1, then one standard BN
+        if self.fixed_stats:  # a frozen BN: running statistics in training too
+            bn = self.bn
+            return F.batch_norm(
+                z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+            )
+        return self.bn(z)
 
     # ---- inference path ------------------------------------------------------------------
 
@@ -299,6 +314,10 @@ class GatedConv2dBN(nn.Module):
         copied (a full merge reads both weight tensors: at batch 1 that costs as much memory
         traffic as the conv itself in the late layers).
         """
+        if self._merged is not None and (
+            self._merged[1].is_inference() and not torch.is_inference_mode_enabled()
+        ):
+            self._merged = None  # made under inference_mode: cannot be updated in place outside
         if self._merged is None:
             w = torch.where(sel.view(-1, 1, 1, 1), w_f, w_s)
             b = torch.where(sel, b_f, b_s)

@@ -1,0 +1,283 @@
+"""Seeded studies through ``adafilter train``: parallel streams, resumable, one JSON summary.
+
+Each study is a list of runs (group, seed, TrainConfig fields). Runs go to
+``benchmarks/results/<study>/<group>-s<seed>``; a completed run is skipped, an interrupted one
+resumes from its checkpoint. ``--stream i/n`` runs every n-th run (start n processes with one
+thread each for n parallel streams); ``--summary`` (or a full run) writes
+``benchmarks/results/<study>.json``: per group the final validation and test accuracy
+(mean +- std over seeds), per-seed values, SGD steps per run, per-epoch test accuracy, and for
+AdaFilter runs the learned policy (per-layer fraction of fine-tuned filters, gate telemetry).
+
+    python benchmarks/study.py precise-bn --cifar10 /tmp/cifar10-subset --stream 0/2 &
+    python benchmarks/study.py precise-bn --cifar10 /tmp/cifar10-subset --stream 1/2 &
+    python benchmarks/study.py precise-bn --cifar10 /tmp/cifar10-subset --summary
+
+Data and weights come from the command line (e.g. ``../shared`` extracted), never from the
+package's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adafilter.engine import fit
+from adafilter.train_config import PRESETS, TrainConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER_GATE = dict(PRESETS["paper"]["adafilter"])
+
+
+def _lite0_cifar(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    base = dict(
+        dataset="imagefolder",
+        data_root=args.cifar10,
+        backbone="efficientnet-lite0",
+        weights="pretrained",
+        resolution=64,
+        batch_size=64,
+    )
+    return {**base, **extra}
+
+
+def study_precise_bn(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
+    """Issue 13: Lite0 on 400 CIFAR-10 images, 6 epochs (42 steps), stale vs precise BN."""
+    runs = []
+    for seed in (0, 1, 2):
+        for method in ("finetune", "adafilter"):
+            for pbn in (0, 16):
+                cfg = _lite0_cifar(
+                    args,
+                    method=method,
+                    train_per_class=40,
+                    epochs=6,
+                    milestones=[100],
+                    precise_bn=pbn,
+                    seed=seed,
+                )
+                runs.append((f"{method}-pbn{pbn}", seed, cfg))
+    return runs
+
+
+def study_allf(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
+    """Issue 15: fine-tuning vs AdaFilter forced all-F, 60 images/class, 40 epochs, 5 seeds."""
+    runs = []
+    for seed in range(5):
+        for method in ("finetune", "adafilter-all-f"):
+            cfg = _lite0_cifar(
+                args,
+                method=method,
+                train_per_class=60,
+                epochs=40,
+                milestones=[11, 22, 33],
+                seed=seed,
+                eval_every=10,
+            )
+            runs.append((method, seed, cfg))
+    return runs
+
+
+NEAR = dict(train_per_class=60, val_fraction=0.2, batch_size=32)  # 480 train images, 15 steps
+
+
+def study_gate_pilot(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
+    """Issue 16: choose the gate's settings on validation data (300 steps, Lite0 -> CIFAR)."""
+    sched = dict(epochs=20, milestones=[5, 11, 16], eval_every=5)
+    variants = {
+        "finetune": dict(method="finetune"),
+        "ada-paper": dict(method="adafilter", gate_optimizer="sgd", adafilter=PAPER_GATE),
+        "ada-sgd-b3": dict(
+            method="adafilter", gate_optimizer="sgd", adafilter={"gate_bias_init": 3.0}
+        ),
+        "ada-adam": dict(
+            method="adafilter",
+            gate_optimizer="adam",
+            gate_lr=0.01,
+            adafilter={"gate_bias_init": 3.0},
+        ),
+        "ada-adam-cost": dict(
+            method="adafilter",
+            gate_optimizer="adam",
+            gate_lr=0.01,
+            adafilter={"gate_bias_init": 3.0, "policy_cost": 0.1},
+        ),
+    }
+    return [
+        (name, 0, _lite0_cifar(args, **NEAR, **sched, **v, seed=0)) for name, v in variants.items()
+    ]
+
+
+def study_near(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
+    """Issue 16: near-domain, Lite0 -> CIFAR-10 subset, 70 epochs x 15 steps = 1,050 steps."""
+    sched = dict(epochs=70, milestones=[19, 38, 57], eval_every=5)
+    runs = []
+    for seed in (0, 1, 2):
+        for name, v in (
+            ("finetune", {"method": "finetune"}),
+            ("adafilter", {"method": "adafilter"}),
+        ):
+            runs.append((name, seed, _lite0_cifar(args, **NEAR, **sched, **v, seed=seed)))
+    paper = dict(
+        method="adafilter", gate_optimizer="sgd", gate_lr=0.1, precise_bn=16, adafilter=PAPER_GATE
+    )
+    runs.append(("adafilter-paper", 0, _lite0_cifar(args, **NEAR, **sched, **paper, seed=0)))
+    runs.append(
+        ("random-policy", 0, _lite0_cifar(args, **NEAR, **sched, method="random-policy", seed=0))
+    )
+    return runs
+
+
+def study_far(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
+    """Issue 16: far-domain, CIFAR ResNet-20 -> omniglot-small, 32 px, 30 epochs (960 steps)."""
+    runs = []
+    for seed in (0, 1, 2):
+        for method in ("finetune", "adafilter"):
+            cfg = dict(
+                method=method,
+                dataset="omniglot-small",
+                data_root=args.omniglot,
+                backbone="cifar-resnet20",
+                weights=args.cifar_weights,
+                resolution=32,
+                batch_size=64,
+                epochs=30,
+                milestones=[8, 16, 25],
+                eval_every=5,
+                val_fraction=0.2,
+                seed=seed,
+            )
+            runs.append((method, seed, cfg))
+    return runs
+
+
+STUDIES = {
+    "precise-bn": study_precise_bn,
+    "allf": study_allf,
+    "gate-pilot": study_gate_pilot,
+    "near": study_near,
+    "far": study_far,
+}
+
+
+def _steps(summary: dict[str, Any]) -> int:
+    cfg = summary["config"]
+    n = summary.get("num_train") or 0
+    per_epoch = math.ceil(n / cfg["batch_size"]) if n else None
+    return per_epoch * summary["epochs"] if per_epoch else -1
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0}
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(statistics.mean(values), 2), "std": round(sd, 2), "n": len(values)}
+
+
+def summarise(study: str, runs: list[tuple[str, int, dict[str, Any]]]) -> dict[str, Any]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for group, seed, _ in runs:
+        d = RESULTS / study / f"{group}-s{seed}"
+        if not (d / "summary.json").exists():
+            continue
+        s = json.loads((d / "summary.json").read_text())
+        if not s.get("completed"):
+            continue
+        metrics = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x]
+        row = {
+            "seed": seed,
+            "final_test_acc": s["final_test_acc"],
+            "final_val_acc": s.get("final_val_acc"),
+            "test_acc_by_epoch": {
+                m["epoch"]: m["test_acc"] for m in metrics if m.get("test_acc") is not None
+            },
+            "train_images": s.get("num_train"),
+            "sgd_steps": s.get("sgd_steps"),
+            "wall_time_s": round(s["wall_time_s"], 1),
+        }
+        if (d / "policy.json").exists():
+            pol = json.loads((d / "policy.json").read_text())
+            row["policy_overall"] = [round(v, 3) for v in pol["overall"]]
+        if metrics and metrics[-1].get("gate"):
+            g = metrics[-1]["gate"]
+            row["gate_last_epoch"] = {
+                k: g[k] for k in ("grad_norm_ratio", "changed", "fraction_std", "hamming")
+            }
+        groups.setdefault(group, []).append(row)
+    out = {"study": study, "groups": {}}
+    for group, rows in groups.items():
+        entry = {
+            "final_test_acc": _mean_std([r["final_test_acc"] for r in rows]),
+            "final_val_acc": _mean_std([r["final_val_acc"] for r in rows]),
+            "seeds": rows,
+        }
+        out["groups"][group] = entry
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("study", choices=sorted(STUDIES))
+    ap.add_argument("--cifar10", default="", help="extracted cifar10-subset folder")
+    ap.add_argument("--omniglot", default="", help="omniglot-small zip")
+    ap.add_argument("--cifar-weights", default="", help="CIFAR ResNet-20 weights file")
+    ap.add_argument("--stream", default="0/1", help="i/n: run every n-th run starting at i")
+    ap.add_argument("--summary", action="store_true", help="only write the summary JSON")
+    ap.add_argument("--only", default="", help="comma-separated groups to run")
+    args = ap.parse_args()
+    runs = STUDIES[args.study](args)
+    if not args.summary:
+        torch.set_num_threads(1)
+        i, n = (int(x) for x in args.stream.split("/"))
+        only = set(filter(None, args.only.split(",")))
+        todo = [r for r in runs if not only or r[0] in only]
+        for k, (group, seed, fields) in enumerate(todo):
+            if k % n != i:
+                continue
+            out = RESULTS / args.study / f"{group}-s{seed}"
+            done = out / "summary.json"
+            if done.exists() and json.loads(done.read_text()).get("completed"):
+                continue
+            t0 = time.time()
+            cfg = TrainConfig(
+                out=str(out),
+                device="cpu",
+                workers=0,
+                quiet=True,
+                resume=(out / "checkpoint.pt").exists(),
+                **fields,
+            )
+            s = fit(cfg)
+            print(
+                json.dumps(
+                    {
+                        "group": group,
+                        "seed": seed,
+                        "test": s["final_test_acc"],
+                        "s": round(time.time() - t0),
+                    }
+                ),
+                flush=True,
+            )
+        if n > 1:
+            return
+    result = summarise(args.study, runs)
+    path = RESULTS / f"{args.study}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+    json.dump({g: v["final_test_acc"] for g, v in result["groups"].items()}, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training helpers used by the engine: precise BN, gate telemetry."""

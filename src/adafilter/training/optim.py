@@ -1,0 +1,75 @@
+"""The run's optimizer: SGD for the network, SGD or Adam for the gate, seen as one optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["HybridOptimizer", "build_optimizer"]
+
+
+class HybridOptimizer(Optimizer):
+    """Several optimizers over disjoint parameter groups, presented as one.
+
+    ``param_groups`` holds the children's own group dicts, so a learning-rate scheduler that
+    scales ``group["lr"]`` reaches every child; ``step``, ``zero_grad`` and the state dict
+    go to each child in turn.
+
+    Args:
+        optimizers: The children, each owning some of the groups.
+    """
+
+    def __init__(self, optimizers: list[Optimizer]) -> None:
+        params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+        super().__init__(params, {})
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        states = state_dict.get("optimizers")
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            raise ValueError(
+                "optimizer state is not from the same gate optimizer; resume with the same "
+                "gate_optimizer"
+            )
+        for opt, state in zip(self.optimizers, states, strict=True):
+            opt.load_state_dict(state)
+
+
+def build_optimizer(
+    groups: list[dict[str, Any]], *, momentum: float, gate_optimizer: str = "sgd"
+) -> Optimizer:
+    """SGD with momentum over ``groups``; with ``gate_optimizer="adam"`` the group named
+    ``gate`` trains with Adam at its own lr instead.
+
+    The policy gradient of Eq. 5 is proportional to the difference between the F and S
+    outputs, zero at initialisation and small for a long time; SGD's step follows that
+    magnitude, Adam's does not (see the README's gate diagnosis).
+    """
+    if gate_optimizer not in ("sgd", "adam"):
+        raise ValueError(f"gate_optimizer must be 'sgd' or 'adam', got {gate_optimizer!r}")
+    gate = [g for g in groups if g.get("name") == "gate"]
+    if gate_optimizer == "sgd" or not gate:
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+    rest = [g for g in groups if g.get("name") != "gate"]
+    adam = torch.optim.Adam(gate, lr=gate[0]["lr"])
+    if not rest:
+        return adam
+    sgd = torch.optim.SGD(rest, lr=rest[0]["lr"], momentum=momentum)
+    return HybridOptimizer([sgd, adam])

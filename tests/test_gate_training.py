@@ -1,0 +1,150 @@
+"""The gate's training knobs: optimizer, usage cost, noise, telemetry; the known-policy check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adafilter
+import adafilter.model as model_module
+from adafilter.engine import build_scheduler
+from adafilter.train_config import TrainConfig
+from adafilter.training.known_policy import make_task, pretrain, routing_agreement, tiny_net
+from adafilter.training.optim import HybridOptimizer, build_optimizer
+from adafilter.training.telemetry import policy_diversity
+
+
+def _wrapped(**cfg: object) -> adafilter.AdaFilterModel:
+    torch.manual_seed(0)
+    return adafilter.wrap(
+        tiny_net(), adafilter.AdaFilterConfig(**cfg), example_input=torch.zeros(1, 3, 8, 8)
+    )
+
+
+def _step(model: adafilter.AdaFilterModel, opt: torch.optim.Optimizer, seed: int = 0) -> None:
+    task = make_task(32, seed=seed)
+    loss = F.cross_entropy(model(task.x), task.y) + model.policy_loss()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_adam_gate_optimizer_schedules_and_resumes() -> None:
+    model = _wrapped()
+    groups = model.param_groups(lr=0.01, gate_lr=0.003, weight_decay=5e-4)
+    opt = build_optimizer(groups, momentum=0.9, gate_optimizer="adam")
+    assert isinstance(opt, HybridOptimizer)
+    kinds = {g["name"]: type(o).__name__ for o in opt.optimizers for g in o.param_groups}
+    assert kinds == {"network": "SGD", "gate": "Adam"}
+    sched = build_scheduler(opt, milestones=[1])
+    gate_before = [p.detach().clone() for p in model.gate.parameters()]
+    _step(model, opt)
+    sched.step()
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(
+        {"network": 0.001, "gate": 0.0003}
+    )
+    # Adam moves every gate parameter with a gradient by about lr, whatever its magnitude
+    moved = [
+        float((p.detach() - q).abs().max()) for p, q in zip(model.gate.parameters(), gate_before)
+    ]
+    assert max(moved) == pytest.approx(0.003, rel=0.05)
+    # state_dict round trip into a fresh optimizer gives identical next steps
+    twin = copy.deepcopy(model)
+    opt2 = build_optimizer(
+        twin.param_groups(lr=0.01, gate_lr=0.003, weight_decay=5e-4),
+        momentum=0.9,
+        gate_optimizer="adam",
+    )
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if through a checkpoint
+    _step(model, opt, seed=1)
+    _step(twin, opt2, seed=1)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gate_optimizer"):
+        opt2.load_state_dict({"optimizers": [opt.optimizers[0].state_dict()]})
+
+
+def test_policy_cost_pushes_every_logit_towards_s() -> None:
+    model = _wrapped(policy_cost=1.0)
+    model.train()
+    task = make_task(16, seed=0)
+    model(task.x)
+    cost = model.policy_loss()
+    assert float(cost) == pytest.approx(1.0)  # bias 3: every filter fine-tuned
+    cost.backward()
+    for head in model.gate.heads:  # d cost / d bias > 0 for every filter: descent lowers it
+        assert bool((head.bias.grad > 0).all())
+    assert float(_wrapped().policy_loss()) == 0.0  # default: no cost
+
+
+def test_gate_noise_only_in_training() -> None:
+    model = _wrapped(gate_bias_init=0.0, gate_noise=5.0)
+    x = make_task(16, seed=0).x
+    model.train()
+    model(x)
+    a = {k: v.clone() for k, v in model.policies.items()}
+    model(x)
+    assert any(not torch.equal(a[k], v) for k, v in model.policies.items())  # explores
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        b = {k: v.clone() for k, v in model.policies.items()}
+        model(x)
+    assert all(torch.equal(b[k], v) for k, v in model.policies.items())  # deterministic
+
+
+def test_policy_diversity() -> None:
+    same = {"l": torch.tensor([[True, False], [True, False], [True, False]])}
+    assert policy_diversity(same) == {"fraction_std": 0.0, "hamming": 0.0}
+    split = {"l": torch.tensor([[True, True], [False, False]])}
+    d = policy_diversity(split)
+    assert d["hamming"] == pytest.approx(1.0) and d["fraction_std"] == pytest.approx(0.5)
+
+
+def _known_policy_run(*, steps: int, cut: str | None = None) -> dict[str, float]:
+    """AdaFilter at the default settings on the known-policy task."""
+    torch.manual_seed(0)
+    net = pretrain(tiny_net())
+    model = adafilter.wrap(net, example_input=torch.zeros(1, 3, 8, 8))  # default config
+    defaults = TrainConfig()
+    groups = model.param_groups(
+        lr=defaults.lr, gate_lr=defaults.gate_lr, weight_decay=defaults.weight_decay
+    )
+    opt = build_optimizer(
+        groups, momentum=defaults.momentum, gate_optimizer=defaults.gate_optimizer
+    )
+    if cut == "frozen":
+        model.gate.requires_grad_(False)
+    task, test = make_task(2048, seed=1), make_task(512, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        model.train()
+        idx = torch.randint(0, len(task.y), (64,), generator=gen)
+        loss = F.cross_entropy(model(task.x[idx]), task.y[idx]) + model.policy_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return routing_agreement(model, test)
+
+
+def _no_gradient_binarize(logits: torch.Tensor, ste: str = "identity") -> torch.Tensor:
+    return (logits >= 0).to(logits.dtype)  # the threshold without a straight-through gradient
+
+
+@pytest.mark.parametrize("cut", [None, "frozen", "no-gradient"])
+def test_known_policy_is_recovered_at_default_settings(
+    cut: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Source images to S, shifted ones to F, in some layer (fails with a frozen/cut gate)."""
+    if cut == "no-gradient":
+        monkeypatch.setattr(model_module, "binarize", _no_gradient_binarize)
+    res = _known_policy_run(steps=600, cut=cut)
+    split = res.get("f_shifted", 0.0) - res.get("f_source", 0.0)
+    if cut is None:
+        assert split > 0.3 and res["agreement"] > 0.65, res
+        assert res["accuracy"] > 0.95, res
+    else:
+        assert split < 0.05, res
