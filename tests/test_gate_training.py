@@ -48,7 +48,8 @@ def test_adam_gate_optimizer_schedules_and_resumes() -> None:
     )
     # Adam moves every gate parameter with a gradient by about lr, whatever its magnitude
     moved = [
-        float((p.detach() - q).abs().max()) for p, q in zip(model.gate.parameters(), gate_before)
+        float((p.detach() - q).abs().max())
+        for p, q in zip(model.gate.parameters(), gate_before, strict=True)
     ]
     assert max(moved) == pytest.approx(0.003, rel=0.05)
     # state_dict round trip into a fresh optimizer gives identical next steps
