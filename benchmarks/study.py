@@ -104,6 +104,18 @@ def study_gate_pilot(args: argparse.Namespace) -> list[tuple[str, int, dict[str,
             gate_lr=0.01,
             adafilter={"gate_bias_init": 3.0},
         ),
+        "ada-adam-b1": dict(
+            method="adafilter",
+            gate_optimizer="adam",
+            gate_lr=0.01,
+            adafilter={"gate_bias_init": 1.0},
+        ),
+        "ada-adam-b0": dict(
+            method="adafilter",
+            gate_optimizer="adam",
+            gate_lr=0.01,
+            adafilter={"gate_bias_init": 0.0},
+        ),
         "ada-adam-cost": dict(
             method="adafilter",
             gate_optimizer="adam",

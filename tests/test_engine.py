@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from adafilter.checkpoint import get_rng_state, load_checkpoint, set_rng_state
-from adafilter.cli import main, train_config_from_args
+from adafilter.cli import build_parser, main, train_config_from_args
 from adafilter.engine import build_scheduler, group_lr
 from adafilter.methods import METHODS
 
@@ -201,7 +201,7 @@ def test_recorded_lrs_follow_milestones(tiny: dict, tmp_path: Path) -> None:
     assert rc == 0
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.001, 0.0001])
-    assert [r["gate_lr"] for r in rows] == pytest.approx([0.1, 0.01, 0.001])
+    assert [r["gate_lr"] for r in rows] == pytest.approx([0.01, 0.001, 0.0001])  # default 0.01
 
 
 # ---- every method end to end ----------------------------------------------------------------
@@ -378,7 +378,6 @@ def test_resume_of_finished_run_is_a_noop(tiny: dict, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
 def test_config_file_then_flags_override(tmp_path: Path, suffix: str) -> None:
-    from adafilter.cli import build_parser
 
     f = tmp_path / f"cfg{suffix}"
     if suffix == ".toml":
@@ -394,7 +393,37 @@ def test_config_file_then_flags_override(tmp_path: Path, suffix: str) -> None:
     args = build_parser().parse_args(["train", "--config", str(f), "--epochs", "9"])
     cfg = train_config_from_args(args)
     assert (cfg.method, cfg.epochs, cfg.lr, cfg.milestones) == ("l2sp", 9, 0.5, [2, 4])
-    assert cfg.adafilter == {"embed_dim": 8} and cfg.gate_lr == 0.1  # untouched default
+    assert cfg.adafilter == {"embed_dim": 8} and cfg.gate_lr == 0.01  # untouched default
+
+
+def test_preset_and_gate_flags() -> None:
+    """--preset paper < --config < flags; gate flags land in the AdaFilter options."""
+    args = build_parser().parse_args(["train", "--preset", "paper", "--dataset", "d", "--out", "o"])
+    cfg = train_config_from_args(args)
+    assert (cfg.gate_optimizer, cfg.gate_lr, cfg.precise_bn) == ("sgd", 0.1, 0)
+    assert cfg.adafilter["gate_bias_init"] == 0.0 and cfg.adafilter["policy_cost"] == 0.0
+    args = build_parser().parse_args(
+        ["train", "--preset", "paper", "--dataset", "d", "--out", "o", "--gate-lr", "0.3"]
+        + ["--gate-bias-init", "2", "--gate-ste", "sigmoid", "--policy-cost", "0.05"]
+        + ["--gate-optimizer", "adam", "--precise-bn", "4", "--val-fraction", "0.1"]
+    )
+    cfg = train_config_from_args(args)
+    assert (cfg.gate_optimizer, cfg.gate_lr, cfg.precise_bn, cfg.val_fraction) == (
+        "adam",
+        0.3,
+        4,
+        0.1,
+    )
+    assert cfg.adafilter == {
+        "gate_bias_init": 2.0,
+        "ste": "sigmoid",
+        "gate_noise": 0.0,
+        "policy_cost": 0.05,
+    }
+    default = train_config_from_args(
+        build_parser().parse_args(["train", "--dataset", "d", "--out", "o"])
+    )
+    assert (default.gate_optimizer, default.gate_lr, default.precise_bn) == ("adam", 0.01, 16)
 
 
 def test_rng_state_round_trip_is_weights_only(tmp_path: Path) -> None:

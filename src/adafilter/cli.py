@@ -127,7 +127,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=s, help="input size (default: backbone's)")
     p.add_argument("--seed", type=int, default=s, help="random seed (default 0)")
     p.add_argument("--lr", type=float, default=s, help="network learning rate (default 0.01)")
-    p.add_argument("--gate-lr", type=float, default=s, help="gate learning rate (default 0.1)")
+    p.add_argument(
+        "--gate-lr", type=float, default=s, help="gate learning rate (default 0.01 with adam)"
+    )
     p.add_argument("--momentum", type=float, default=s, help="SGD momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=s, help="weight decay (default 5e-4)")
     p.add_argument(
@@ -195,7 +197,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=s,
         help="hold out this share of each class's training images for validation (0 = off)",
     )
-    p.add_argument("--gate-optimizer", default=s, help="sgd or adam for the gate (default sgd)")
+    p.add_argument("--gate-optimizer", default=s, help="adam or sgd for the gate (default adam)")
     for flag, field_name, kind, text in GATE_FLAGS:
         p.add_argument(flag, type=kind, default=s, dest=field_name, help=text)
     p.add_argument(

@@ -39,7 +39,7 @@ class DemoConfig:
         subset_per_class: Images per class kept in each split.
         seed: One seed for every method.
         lr: Network learning rate.
-        gate_lr: Gate learning rate (AdaFilter variants).
+        gate_lr: Gate learning rate (AdaFilter variants); ``None`` = the training default.
         workers: DataLoader worker processes.
         device: ``auto``, ``cpu`` or ``cuda``.
         quiet: Print only the final table.
@@ -58,7 +58,7 @@ class DemoConfig:
     subset_per_class: int = 80
     seed: int = 0
     lr: float = 0.01
-    gate_lr: float = 0.1
+    gate_lr: float | None = None
     workers: int = 2
     device: str = "auto"
     quiet: bool = False
@@ -119,7 +119,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                 subset_per_class=config.subset_per_class,
                 seed=config.seed,
                 lr=config.lr,
-                gate_lr=config.gate_lr,
+                **({} if config.gate_lr is None else {"gate_lr": config.gate_lr}),
                 workers=config.workers,
                 device=config.device,
                 quiet=config.quiet,

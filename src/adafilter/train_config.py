@@ -58,7 +58,8 @@ class TrainConfig:
         resolution: Input size; ``None`` uses the backbone's default.
         seed: Seeds model init, shuffling (per epoch) and random policies.
         lr: Network learning rate (paper: 0.01).
-        gate_lr: Gate learning rate (paper: 0.1); unused by methods without a trained gate.
+        gate_lr: Gate learning rate: 0.01 with the default Adam gate optimizer (the paper: 0.1
+            with SGD, ``--preset paper``); unused by methods without a trained gate.
         momentum: SGD momentum for both groups (paper: 0.9).
         weight_decay: L2 weight decay of SGD. The paper does not state it; 5e-4 is our default.
             L2-SP sets it to 0 for the parameters its penalty covers.
@@ -93,8 +94,10 @@ class TrainConfig:
         eval_every: Evaluate every N epochs (the final epoch always).
         val_fraction: Hold out this share of each class's training images as a validation
             split (stratified, seeded), evaluated beside the test split; 0 turns it off.
-        gate_optimizer: ``"sgd"`` (the paper: SGD with momentum at ``gate_lr``) or ``"adam"``
-            for the gate's parameters (the network always trains with SGD).
+        gate_optimizer: ``"adam"`` (default) or ``"sgd"`` (the paper: SGD with momentum at
+            ``gate_lr``) for the gate's parameters; the network always trains with SGD. With SGD
+            the gate's steps follow the policy gradient's magnitude, which is tiny (see the
+            README's gate diagnosis); Adam's do not.
         download: Let the dataset builder download missing data.
         quiet: Print nothing but warnings and errors.
         resume: Continue from ``<out>/checkpoint.pt`` if it exists.
@@ -111,7 +114,7 @@ class TrainConfig:
     resolution: int | None = None
     seed: int = 0
     lr: float = 0.01
-    gate_lr: float = 0.1
+    gate_lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=lambda: [30, 60, 90])
@@ -133,7 +136,7 @@ class TrainConfig:
     bn_momentum: float | None = None
     eval_every: int = 1
     val_fraction: float = 0.0
-    gate_optimizer: str = "sgd"
+    gate_optimizer: str = "adam"
     download: bool = False
     quiet: bool = False
     resume: bool = False
