@@ -7,6 +7,8 @@ from .layers.gate import CNNGate, RecurrentGate, binarize
 from .layers.gated_bn import gated_batch_norm
 from .layers.gated_conv import GatedConv2dBN
 from .model import AdaFilterModel, find_conv_bn_pairs, mark_trainable, wrap
+from .training.optim import build_optimizer
+from .training.precise_bn import recalibrate_bn
 
 __version__ = "0.1.0"
 
@@ -21,9 +23,11 @@ __all__ = [
     "LoadedRun",
     "RecurrentGate",
     "binarize",
+    "build_optimizer",
     "find_conv_bn_pairs",
     "gated_batch_norm",
     "load",
     "mark_trainable",
+    "recalibrate_bn",
     "wrap",
 ]

@@ -189,7 +189,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--bn-momentum", type=float, default=s, help="override the backbone's BN momentum"
     )
     p.add_argument(
-        "--eval-every", type=int, default=s, help="evaluate every N epochs (final always; 1)"
+        "--eval-every",
+        type=int,
+        default=s,
+        help="evaluate every N epochs (epoch 1 and the last always; 1)",
     )
     p.add_argument(
         "--val-fraction",

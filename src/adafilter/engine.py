@@ -979,7 +979,7 @@ def _fit(
             loaders={"calib": calib_loader, "val": val_loader, "test": eval_loader},
             device=device,
             num_classes=num_classes,
-            skip=not (last or epoch % config.eval_every == 0),
+            skip=not (last or epoch == 1 or epoch % config.eval_every == 0),
             collect_policies=method.has_policies and last,
             seed=config.seed,
             amp_dtype=amp_dtype,

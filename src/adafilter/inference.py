@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .config import AdaFilterConfig
 from .errors import AdaFilterError, CheckpointError
+from .layers.gated_conv import bn_affine
 from .model import AdaFilterModel
 
 if TYPE_CHECKING:
@@ -632,12 +633,7 @@ class _DeployGatedConv(nn.Module):
         bn_f, bn_s = (layer.bn_f, layer.bn_s) if layer.gated_bn else (layer.bn, layer.bn)
         for tag, c, bn in (("f", layer.conv_f, bn_f), ("s", conv, bn_s)):
             with torch.no_grad():
-                scale = torch.rsqrt(bn.running_var + bn.eps)
-                if bn.weight is not None:
-                    scale = scale * bn.weight
-                shift = -bn.running_mean * scale
-                if bn.bias is not None:
-                    shift = shift + bn.bias
+                scale, shift = bn_affine(bn)  # eval-mode BN folded into the filters
                 w = c.weight * scale.view(-1, 1, 1, 1)
                 b = shift if c.bias is None else c.bias * scale + shift
             self.register_buffer(f"w_{tag}", w.contiguous())

@@ -91,7 +91,7 @@ class TrainConfig:
         bn_momentum: Override the backbone's BN momentum for fine-tuning (``None`` keeps it:
             0.1 for torchvision ResNets, as the paper's ResNet-50; 0.01 for TF-ported
             EfficientNets such as Lite0).
-        eval_every: Evaluate every N epochs (the final epoch always).
+        eval_every: Evaluate after epoch 1, every N epochs and the final epoch.
         val_fraction: Hold out this share of each class's training images as a validation
             split (stratified, seeded), evaluated beside the test split; 0 turns it off.
         gate_optimizer: ``"adam"`` (default) or ``"sgd"`` (the paper: SGD with momentum at

@@ -122,7 +122,7 @@ class _SubsetBackwardConv(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """Eval-mode BN as ``y = x * scale + shift`` (C,) each."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
@@ -253,7 +253,7 @@ class GatedConv2dBN(nn.Module):
             with torch.no_grad():
                 folded = []
                 for conv, bn in ((self.conv_f, bn_f), (self.conv_s, bn_s)):
-                    scale, shift = _bn_affine(bn)
+                    scale, shift = bn_affine(bn)
                     w = conv.weight * scale.view(-1, 1, 1, 1)
                     b = shift if conv.bias is None else conv.bias * scale + shift
                     folded += [w.contiguous(), b.contiguous()]
