@@ -86,6 +86,22 @@ def _write_run(
         "completed": completed,
     }
     (run / "summary.json").write_text(json.dumps(summary))
+    n_layers = len(_policy(dataset, seed)["overall"])
+
+    def gate(e: int) -> dict[str, Any]:  # telemetry of a gate whose layers drift apart
+        share = [min(1.0, 0.5 + 0.05 * e * (i % 3)) for i in range(n_layers)]
+        return {
+            "gate_grad_norm": 0.5,
+            "net_grad_norm": 5.0,
+            "grad_norm_ratio": 0.1,
+            "fraction_finetuned": share,
+            "logit_mean": [0.0] * n_layers,
+            "logit_std": [0.1] * n_layers,
+            "changed": None if e == 1 else 0.1 / e,
+            "fraction_std": 0.05,
+            "hamming": 0.02 * e,
+        }
+
     lines = [
         json.dumps(
             {
@@ -98,6 +114,7 @@ def _write_run(
                 "test_acc": acc,
                 "seconds": 20.0,
                 "images_per_second": 250.0,
+                **({"gate": gate(e)} if policy else {}),
             }
         )
         for e, acc in enumerate(accs, start=1)
@@ -163,6 +180,7 @@ def test_files_and_markdown(report: dict[str, Any]) -> None:
         "accuracy.png",
         "policy.png",
         "policy_by_class.png",
+        "gate.png",
     ]
     for path in [result["report_md"], result["report_html"], *result["figures"]]:
         assert Path(path).is_file() and Path(path).stat().st_size > 1000
@@ -194,7 +212,7 @@ def _has_colour(counts: dict[tuple[int, ...], int], rgb: tuple[float, ...], min_
 
 @pytest.mark.parametrize(
     ("name", "min_colours"),
-    [("accuracy.png", 6), ("policy.png", 5), ("policy_by_class.png", 30)],
+    [("accuracy.png", 6), ("policy.png", 5), ("policy_by_class.png", 30), ("gate.png", 20)],
 )
 def test_figures_not_blank(report: dict[str, Any], name: str, min_colours: int) -> None:
     img = imread(report["out"] / name)
@@ -218,7 +236,7 @@ def test_html_self_contained(report: dict[str, Any]) -> None:
     result = report["result"]
     page = Path(result["report_html"]).read_text(encoding="utf-8")
     blobs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(blobs) == 3
+    assert len(blobs) == 4  # accuracy, policy, policy by class, gate telemetry
     for blob, fig in zip(blobs, result["figures"], strict=True):
         assert base64.b64decode(blob) == Path(fig).read_bytes()
     assert "<table>" in page and "<th>Method</th>" in page

@@ -53,7 +53,7 @@ METHOD_ORDER: tuple[str, ...] = (
 )
 # Methods expected to write policy.json; a missing one is noted in the report.
 _GATED_METHODS = frozenset({"adafilter", "standard-bn", "cnn-gate"})
-_FIGURE_NAMES = ("accuracy.png", "policy.png", "policy_by_class.png")
+_FIGURE_NAMES = ("accuracy.png", "policy.png", "policy_by_class.png", "gate.png")
 _MAX_HEATMAP_PANELS = 4
 _MAX_HEATMAP_ROWS = 60
 _LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))
@@ -761,6 +761,58 @@ def plot_policy(runs: Sequence[Run]) -> bytes | None:
     return _png_bytes(fig)
 
 
+def _telemetry(run: Run) -> list[dict[str, Any]]:
+    return [m for m in run.metrics if isinstance(m.get("gate"), dict)]
+
+
+def plot_gate_telemetry(runs: Sequence[Run]) -> bytes | None:
+    """The gate over epochs: a layers x epochs heat map of the fine-tuned share per run (at
+    most ``_MAX_HEATMAP_PANELS``), and the diversity and decision-change curves below.
+
+    Args:
+        runs: Loaded runs; those whose ``metrics.jsonl`` carries ``gate`` telemetry are drawn.
+
+    Returns:
+        PNG bytes, or ``None`` if no run has telemetry.
+    """
+    rows = [(r, _telemetry(r)) for r in runs]
+    rows = [(r, t) for r, t in rows if t][:_MAX_HEATMAP_PANELS]
+    if not rows:
+        return None
+    fig = _new_figure(4.2 * len(rows) + 1.0, 6.4)
+    grid = fig.add_gridspec(2, len(rows), height_ratios=(2.2, 1.0))
+    for col, (run, tel) in enumerate(rows):
+        ax = fig.add_subplot(grid[0, col])
+        share = [t["gate"]["fraction_finetuned"] for t in tel]  # epochs x layers
+        epochs = [t["epoch"] for t in tel]
+        image = ax.imshow(
+            list(map(list, zip(*share, strict=True))),
+            aspect="auto",
+            vmin=0.0,
+            vmax=1.0,
+            cmap="viridis",
+            origin="lower",
+            extent=(epochs[0] - 0.5, epochs[-1] + 0.5, 0.5, len(share[0]) + 0.5),
+        )
+        ax.set_title(f"{run.path.name} ({run.method}, seed {run.seed})", fontsize=9)
+        ax.set_xlabel("epoch")
+        if col == 0:
+            ax.set_ylabel("gated layer")
+        low = fig.add_subplot(grid[1, col])
+        low.plot(epochs, [t["gate"]["hamming"] for t in tel], label="diversity (Hamming)")
+        changed = [(t["epoch"], t["gate"]["changed"]) for t in tel if t["gate"]["changed"]]
+        if changed:
+            low.plot(*zip(*changed, strict=True), label="decisions changed")
+        low.set_ylim(bottom=0.0)
+        low.set_xlabel("epoch")
+        low.grid(True, alpha=0.3)
+        if col == 0:
+            low.legend(fontsize=7, frameon=False)
+    fig.colorbar(image, ax=fig.axes[0::2], shrink=0.8, label="fine-tuned share")
+    fig.suptitle("What the gate learned, per epoch", fontsize=12)
+    return _png_bytes(fig)
+
+
 def _heatmap_rows(
     names: list[str], frac: list[list[float]]
 ) -> tuple[list[str], list[list[float]], bool]:
@@ -912,6 +964,10 @@ _CAPTIONS = {
     "policy.png": "Fraction of evaluation images that use the fine-tuned filters, per gated layer.",
     "policy_by_class.png": "Fraction of evaluation images using fine-tuned filters, per class "
     "(rows, sorted by mean fraction) and gated layer (columns).",
+    "gate.png": "What the gate learned over training (probe batch of training images): per run, "
+    "the fine-tuned share per gated layer and epoch (heat map), and the per-example diversity "
+    "(mean pairwise Hamming distance of policies) and the share of decisions that changed since "
+    "the previous epoch.",
 }
 
 _CSS = """
@@ -959,7 +1015,9 @@ def make_report(
 
     pngs: dict[str, bytes] = {}
     for name, plot in zip(
-        _FIGURE_NAMES, (plot_accuracy, plot_policy, plot_policy_by_class), strict=True
+        _FIGURE_NAMES,
+        (plot_accuracy, plot_policy, plot_policy_by_class, plot_gate_telemetry),
+        strict=True,
     ):
         data = plot(runs)
         if data is not None:
