@@ -245,13 +245,15 @@ def main() -> None:
     ap.add_argument("--stream", default="0/1", help="i/n: run every n-th run starting at i")
     ap.add_argument("--summary", action="store_true", help="only write the summary JSON")
     ap.add_argument("--only", default="", help="comma-separated groups to run")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds to run (default all)")
     args = ap.parse_args()
     runs = STUDIES[args.study](args)
     if not args.summary:
         torch.set_num_threads(1)
         i, n = (int(x) for x in args.stream.split("/"))
         only = set(filter(None, args.only.split(",")))
-        todo = [r for r in runs if not only or r[0] in only]
+        seeds = {int(x) for x in args.seeds.split(",") if x}
+        todo = [r for r in runs if (not only or r[0] in only) and (not seeds or r[1] in seeds)]
         for k, (group, seed, fields) in enumerate(todo):
             if k % n != i:
                 continue
