@@ -66,6 +66,11 @@ def test_adam_gate_optimizer_schedules_and_resumes() -> None:
         gate_optimizer="adam",
     )
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if through a checkpoint
+    sched2 = build_scheduler(opt2, milestones=[1])
+    sched2.load_state_dict(sched.state_dict())
+    child_lrs = [g["lr"] for o in opt2.optimizers for g in o.param_groups]
+    assert child_lrs == pytest.approx([0.001, 0.0003])  # the children run at the loaded lrs
+    assert opt2.param_groups == [g for o in opt2.optimizers for g in o.param_groups]
     _step(model, opt, seed=1)
     _step(twin, opt2, seed=1)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):

@@ -50,6 +50,9 @@ class HybridOptimizer(Optimizer):
             )
         for opt, state in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(state)
+        # Loading gives each child new group dicts: share those, or a scheduler would scale
+        # the stale ones and never reach the children (found by the kill -9 resume test).
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
 
 
 def build_optimizer(
