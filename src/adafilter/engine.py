@@ -585,12 +585,9 @@ def _policy_json(policy: dict[str, Any], class_names: list[str]) -> dict[str, An
 def run_datasets(config: TrainConfig) -> tuple[Dataset, Dataset, Any]:
     """The run's ``(train, eval, info)`` datasets, preprocessed for its backbone.
 
-    With ``config.val_fraction`` the validation images are already removed from ``train``;
-    :func:`validation_split` returns them.
+    With ``config.val_fraction`` the validation images are already removed from ``train``.
     """
-    train, evals, info = _base_datasets(config)
-    if config.val_fraction > 0:
-        train, _ = validation_split(train, evals, config)
+    train, _, evals, info = _run_splits(config)
     return train, evals, info
 
 
@@ -651,29 +648,26 @@ def _calibration_loader(
     """
     if config.precise_bn <= 0:
         return None
-    from .data.api import with_transform
-
-    n = min(len(train_ds), config.precise_bn * batch_size * env.world_size)
-    order = np.random.default_rng(derive_seed(config.seed, "precise-bn")).permutation(len(train_ds))
-    calib = with_transform(
-        train_ds, eval_ds.transform, indices=[int(i) for i in order[:n]], name="precise-bn"
-    )
+    n = config.precise_bn * batch_size * env.world_size
+    calib = _seeded_eval_view(train_ds, eval_ds, n, seed=config.seed, tag="precise-bn")
     sampler = ShardSampler(len(calib), rank=env.rank, world_size=env.world_size)
     return DataLoader(
         calib, batch_size=batch_size, sampler=sampler, num_workers=config.workers, pin_memory=pin
     )
 
 
-def _probe_batch(train_ds: Any, eval_ds: Any, config: TrainConfig, device: torch.device) -> Tensor:
-    """A fixed batch of training images (evaluation transform) for the gate telemetry."""
+def _seeded_eval_view(train_ds: Any, eval_ds: Any, n: int, *, seed: int, tag: str) -> Any:
+    """At most ``n`` training images in a seeded shuffled order, through the eval transform."""
     from .data.api import with_transform
 
-    n = min(len(train_ds), 64)
-    order = np.random.default_rng(derive_seed(config.seed, "probe")).permutation(len(train_ds))
-    probe = with_transform(
-        train_ds, eval_ds.transform, indices=[int(i) for i in order[:n]], name="probe"
-    )
-    return torch.stack([probe[i][0] for i in range(n)]).to(device)
+    order = np.random.default_rng(derive_seed(seed, tag)).permutation(len(train_ds))[:n]
+    return with_transform(train_ds, eval_ds.transform, indices=[int(i) for i in order], name=tag)
+
+
+def _probe_batch(train_ds: Any, eval_ds: Any, config: TrainConfig, device: torch.device) -> Tensor:
+    """A fixed batch of training images (evaluation transform) for the gate telemetry."""
+    probe = _seeded_eval_view(train_ds, eval_ds, 64, seed=config.seed, tag="probe")
+    return torch.stack([probe[i][0] for i in range(len(probe))]).to(device)
 
 
 def recalibrate(
