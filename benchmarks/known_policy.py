@@ -11,6 +11,7 @@ of source / shifted images. Prints one JSON object and writes
 
     python benchmarks/known_policy.py                  # default, paper preset, finetune; 3 seeds
     python benchmarks/known_policy.py --steps 300 --seeds 0
+    python benchmarks/known_policy.py --biases 1 --only "adafilter (bias 1)" --out kp-b1.json
 """
 
 from __future__ import annotations
@@ -35,9 +36,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_IMAGES = kp.TARGET_IMAGES
 
 
-def _configs() -> dict[str, dict[str, Any]]:
+def _configs(biases: list[float]) -> dict[str, dict[str, Any]]:
     d = TrainConfig()
     paper = PRESETS["paper"]
+    extra = {
+        f"adafilter (bias {b:g})": {
+            "ada": {"gate_bias_init": b},
+            "gate_optimizer": d.gate_optimizer,
+            "gate_lr": d.gate_lr,
+        }
+        for b in biases
+    }
     return {
         "finetune": {},
         "adafilter (default)": {
@@ -50,6 +59,7 @@ def _configs() -> dict[str, dict[str, Any]]:
             "gate_optimizer": paper["gate_optimizer"],
             "gate_lr": paper["gate_lr"],
         },
+        **extra,
     }
 
 
@@ -108,12 +118,45 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def merge(paths: list[Path], alias: dict[str, str] | None = None) -> dict[str, Any]:
+    """Pool the final rows of several result files: per configuration, mean +- std over seeds.
+
+    ``alias`` maps a configuration's name in older files to its name now (same settings).
+    """
+    last: dict[str, dict[str, dict[str, Any]]] = {}
+    for path in paths:
+        for name, curves in json.loads(path.read_text())["runs"].items():
+            name = (alias or {}).get(name, name)
+            for seed, curve in curves.items():
+                last.setdefault(name, {})[seed] = curve[-1]
+    out: dict[str, Any] = {}
+    for name, rows in last.items():
+        keys = [
+            k
+            for k in ("accuracy", "agreement", "f_source", "f_shifted")
+            if k in next(iter(rows.values()))
+        ]
+        out[name] = {"seeds": sorted(rows, key=int)}
+        out[name].update({k: _mean_std([r[k] for r in rows.values()]) for k in keys})
+        out[name]["per_seed"] = {s: {k: rows[s][k] for k in keys} for s in sorted(rows, key=int)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--biases", default="", help="extra default-gate runs at these head biases")
+    ap.add_argument("--only", default="", help="comma-separated configuration names to run")
+    ap.add_argument("--out", default="known-policy.json", help="file name under results/")
+    ap.add_argument("--merge", nargs="+", help="result files to pool per configuration and seed")
+    ap.add_argument("--alias", action="append", default=[], help="OLD=NEW configuration name")
     args = ap.parse_args()
+    if args.merge:
+        alias = dict(a.split("=", 1) for a in args.alias)
+        print(json.dumps(merge([Path(p) for p in args.merge], alias), indent=1))
+        return
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     out: dict[str, Any] = {
@@ -123,7 +166,11 @@ def main() -> None:
         "runs": {},
         "final": {},
     }
-    for name, spec in _configs().items():
+    configs = _configs([float(b) for b in args.biases.split(",") if b])
+    only = set(filter(None, args.only.split(",")))
+    for name, spec in configs.items():
+        if only and name not in only:
+            continue
         curves = {s: run(name, spec, seed=s, steps=args.steps, every=args.every) for s in seeds}
         out["runs"][name] = curves
         last = [c[-1] for c in curves.values()]
@@ -133,7 +180,7 @@ def main() -> None:
             final["f_source"] = _mean_std([r["f_source"] for r in last])
             final["f_shifted"] = _mean_std([r["f_shifted"] for r in last])
         out["final"][name] = final
-    path = RESULTS / "known-policy.json"
+    path = RESULTS / args.out
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     os.replace(tmp, path)

@@ -145,11 +145,20 @@ def study_near(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]
     runs.append(
         ("random-policy", 0, _lite0_cifar(args, **NEAR, **sched, method="random-policy", seed=0))
     )
+    # Head bias 1 (policy starts ~0.73 F): chosen on the gate pilot's policy (benchmarks/README).
+    for seed in (0, 1, 2):
+        gate = {"gate_bias_init": 1.0}
+        cfg = _lite0_cifar(args, **NEAR, **sched, method="adafilter", adafilter=gate, seed=seed)
+        runs.append(("adafilter-b1", seed, cfg))
+        cfg = _lite0_cifar(
+            args, **NEAR, **sched, method="adafilter", adafilter=gate, gate_lr=0.001, seed=seed
+        )
+        runs.append(("adafilter-b1-glr1e-3", seed, cfg))
     return runs
 
 
 def study_far(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
-    """Issue 16: far-domain, CIFAR ResNet-20 -> omniglot-small, 32 px, 30 epochs (960 steps)."""
+    """Issue 16: far-domain, CIFAR ResNet-20 -> omniglot-small, 32 px, 40 epochs (1,040 steps)."""
     runs = []
     for seed in (0, 1, 2):
         for method in ("finetune", "adafilter"):
@@ -161,8 +170,8 @@ def study_far(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]
                 weights=args.cifar_weights,
                 resolution=32,
                 batch_size=64,
-                epochs=30,
-                milestones=[8, 16, 25],
+                epochs=40,
+                milestones=[11, 22, 33],
                 eval_every=5,
                 val_fraction=0.2,
                 seed=seed,
