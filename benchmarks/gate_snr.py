@@ -63,7 +63,7 @@ def measure(run_dir: str, *, passes: int, seed: int = 0) -> dict[str, Any]:
         "filters": b.shape[1],
         "bias_share_abs_t_gt_2": _share_significant(b, 2.0),
         "bias_share_abs_t_gt_3": _share_significant(b, 3.0),
-        "bias_median_abs_mean_over_std": round(float((b.mean(0).abs() / b.std(0)).median()), 4),
+        "bias_median_abs_mean_over_std": round(float((b.mean(0).abs() / b.std(0)).nanmedian()), 4),
         "head_weight_share_abs_t_gt_2": _share_significant(torch.stack(weights), 2.0),
         "layer_sum_t": [round(float(v), 2) for v in t_layer],
         "layers_abs_t_gt_2": int((t_layer.abs() > 2).sum()),
