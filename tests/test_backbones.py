@@ -73,7 +73,14 @@ def test_backbone_names_lists_every_backbone() -> None:
     assert backbone_names() == sorted(backbone_names())
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+# The largest builds (seconds each on 2 cores) are the slow tier.
+BIG = {"resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in BIG else []) for n in sorted(EXPECTED)],
+)
 def test_every_backbone_builds_and_replaces_head(name: str) -> None:
     model, info = build_backbone(name, num_classes=5)
     assert info.name == name and info.source == "random init"

@@ -1,18 +1,14 @@
 """Engine: schedule, every method end to end, files, checkpoints, kill -9 + resume, eval.
 
-Also hosts the tiny fixtures shared by test_methods/test_cli/test_distributed: a ~2.5k-parameter
-conv-BN backbone ``tiny-cnn`` registered by a plugin module (so subprocesses can load it via
-``ADAFILTER_PLUGINS``) and a generated 16 px ImageFolder tree.
+Runs use the ``tiny`` fixture (``conftest.py``): the ``tiny-cnn`` backbone on a generated
+16 px ImageFolder.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,138 +19,7 @@ from adafilter.checkpoint import get_rng_state, load_checkpoint, set_rng_state
 from adafilter.cli import build_parser, main, train_config_from_args
 from adafilter.engine import build_scheduler, group_lr
 from adafilter.methods import METHODS
-
-PLUGIN_NAME = "adafilter_tiny_plugin"
-PLUGIN_SRC = '''
-from torch import nn
-
-from adafilter.backbones import BACKBONES, BackboneSpec
-
-
-class TinyCNN(nn.Module):
-    """conv-bn-relu x3 + pool + linear head "fc" (about 2.5k parameters)."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(16)
-        self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        x = self.relu(self.bn3(self.conv3(x)))
-        return self.fc(self.pool(x).flatten(1))
-
-
-def _no_weights():
-    raise RuntimeError("tiny-cnn has no pretrained weights")
-
-
-def register():
-    if "tiny-cnn" not in BACKBONES:
-        BACKBONES.add("tiny-cnn", BackboneSpec(
-            name="tiny-cnn", factory=TinyCNN, head_name="fc", feature_dim=16,
-            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), default_resolution=16,
-            pretrained_dataset="imagenet", pretrained=_no_weights,
-        ))
-
-
-register()
-'''
-
-
-def make_imagefolder(root: Path, *, train: int = 4, val: int = 2, size: int = 16) -> Path:
-    """root/{train,val}/{cat,dog}/*.png; "dog" images have a bright left half."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in ("cat", "dog"):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                arr = (rng.random((size, size, 3)) * 255).astype("uint8")
-                if c == "dog":
-                    arr[:, : size // 2] = 255
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return root
-
-
-def install_plugin(directory: Path) -> dict[str, str]:
-    """Write and import the tiny-cnn plugin; return the env a subprocess needs for it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{PLUGIN_NAME}.py").write_text(PLUGIN_SRC)
-    if str(directory) not in sys.path:
-        sys.path.insert(0, str(directory))
-    importlib.import_module(PLUGIN_NAME).register()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [
-            str(directory),
-            str(Path(__file__).resolve().parents[1] / "src"),
-            env.get("PYTHONPATH", ""),
-        ]
-    )
-    env["ADAFILTER_PLUGINS"] = PLUGIN_NAME
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop(KILL_ENV, None)
-    return env
-
-
-def uninstall_plugin() -> None:
-    """Unregister tiny-cnn so other test modules see only the real backbones."""
-    from adafilter.backbones import BACKBONES
-
-    BACKBONES._items.pop("tiny-cnn", None)
-
-
-KILL_ENV = "ADAFILTER_TEST_KILL_AT"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    base = tmp_path_factory.mktemp("tiny")
-    env = install_plugin(base / "plugin")
-    data = make_imagefolder(base / "data")
-    yield {"env": env, "data": data}
-    uninstall_plugin()
-
-
-def train_args(data: Path, out: Path, method: str = "adafilter", *extra: str) -> list[str]:
-    return [
-        "train",
-        "--method",
-        method,
-        "--dataset",
-        "imagefolder",
-        "--data-root",
-        str(data),
-        "--backbone",
-        "tiny-cnn",
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--gate-backbone",
-        "tiny-cnn",
-        *extra,
-    ]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
+from helpers import KILL_ENV, read_jsonl, train_args
 
 # ---- schedule -------------------------------------------------------------------------------
 
@@ -302,6 +167,7 @@ def _run(args: list[str], env: dict[str, str], **kw: object) -> subprocess.Compl
 STABLE = ("epoch", "lr", "gate_lr", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
+@pytest.mark.slow
 def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tiny: dict, tmp_path: Path) -> None:
     env = tiny["env"]
     extra = ("--epochs", "3", "--milestones", "2", "--quiet")

@@ -16,8 +16,7 @@ from adafilter import backbones
 from adafilter.backbones import BACKBONES, build_backbone, pretrained_weights_path
 from adafilter.cli import main
 from adafilter.errors import AdaFilterError
-from test_cli import one_line_error
-from test_engine import make_imagefolder, read_jsonl, train_args
+from helpers import make_imagefolder, one_line_error, read_jsonl, train_args
 
 
 def library_model(backbone: str) -> torch.nn.Module:
