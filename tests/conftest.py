@@ -7,7 +7,10 @@ are deselected there and run by ``make test-all``.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ import pytest
 from helpers import (
     SHARED_CIFAR_WEIGHTS,
     SHARED_OMNIGLOT,
+    Handler,
+    ServerState,
     install_plugin,
     make_imagefolder,
     uninstall_plugin,
@@ -48,3 +53,41 @@ def shared_cifar_weights() -> Path:
     if not SHARED_CIFAR_WEIGHTS.is_dir():
         pytest.skip(f"shared CIFAR ResNet weights not available ({SHARED_CIFAR_WEIGHTS})")
     return SHARED_CIFAR_WEIGHTS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_adafilter_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test sees an empty cache directory, never the user's ``~/.cache/adafilter``."""
+    home = tmp_path_factory.mktemp("adafilter-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAFILTER_HOME", str(home))
+        mp.delenv("ADAFILTER_DOWNLOAD_BASE", raising=False)
+        yield home
+
+
+@pytest.fixture()
+def shared_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An ``$ADAFILTER_HOME`` whose cache links to ``../shared`` (skips when it is absent)."""
+    if not (SHARED_CIFAR_WEIGHTS.is_dir() and SHARED_OMNIGLOT.is_dir()):
+        pytest.skip("the project's ../shared data and weights are not available")
+    home = tmp_path / "home"
+    (home / "weights").mkdir(parents=True)
+    (home / "data").mkdir()
+    os.symlink(SHARED_CIFAR_WEIGHTS, home / "weights" / "cifar10-resnet")
+    os.symlink(SHARED_OMNIGLOT, home / "data" / "omniglot-small")
+    monkeypatch.setenv("ADAFILTER_HOME", str(home))
+    return home
+
+
+@pytest.fixture()
+def server() -> Iterator[tuple[str, ServerState]]:
+    state = ServerState()
+    handler = type("H", (Handler,), {"state": state})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

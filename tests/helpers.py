@@ -14,6 +14,8 @@ import importlib
 import json
 import os
 import sys
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +191,52 @@ def perturb_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(0.5 + 0.5 * torch.rand(c, generator=gen))
                 m.bias.copy_(0.1 * torch.randn(c, generator=gen))
     return model
+
+
+# ---- a local HTTP server (downloads are tested on 127.0.0.1; there is no internet) ----------
+
+
+@dataclass
+class ServerState:
+    files: dict[str, bytes] = field(default_factory=dict)
+    truncate_once: set[str] = field(default_factory=set)  # first GET sends half, then drops
+    ignore_range: bool = False
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+
+
+class Handler(BaseHTTPRequestHandler):
+    state: ServerState
+
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        name = self.path.lstrip("/")
+        rng = self.headers.get("Range")
+        self.state.requests.append((name, rng))
+        data = self.state.files.get(name)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if rng and not self.state.ignore_range:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if name in self.state.truncate_once:
+            self.state.truncate_once.discard(name)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True  # simulate a dropped transfer
+            return
+        self.wfile.write(body)

@@ -207,7 +207,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "--download",
         action=argparse.BooleanOptionalAction,
         default=s,
-        help="download the dataset if missing",
+        help="download the dataset and pretrained weights if missing (into $ADAFILTER_HOME)",
     )
     p.add_argument(
         "--quiet",

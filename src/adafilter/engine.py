@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import time
@@ -53,12 +52,13 @@ from .distributed import (
     init_distributed,
 )
 from .errors import AdaFilterError, CheckpointError
-from .methods import METHODS, Method, Prepared, derive_seed, trainable_per_example
+from .methods import METHODS, Method, Prepared, trainable_per_example
 from .model import log_param_groups
 from .train_config import TrainConfig
 from .training.optim import build_optimizer
 from .training.precise_bn import recalibrate_bn, set_bn_momentum
 from .training.telemetry import GateTelemetry
+from .utils.seeding import derive_seed, seed_epoch, seed_everything
 
 logger = logging.getLogger("adafilter")
 
@@ -450,13 +450,6 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def build_model(
     config: TrainConfig, *, num_classes: int, pretrained: bool = True
 ) -> tuple[Prepared, Any]:
@@ -476,14 +469,19 @@ def build_model(
     method: Method = METHODS.get(config.method)
     seed_everything(config.seed)
     network, info = build_backbone(
-        config.backbone, num_classes=num_classes, weights=config.weights if pretrained else None
+        config.backbone,
+        num_classes=num_classes,
+        weights=config.weights if pretrained else None,
+        download=config.download,
     )
     resolution = config.resolution or info.default_resolution
     example = torch.randn(2, 3, resolution, resolution)
 
     def gate_network() -> tuple[nn.Module, int]:
         return build_feature_extractor(
-            config.gate_backbone, weights=config.gate_weights if pretrained else None
+            config.gate_backbone,
+            weights=config.gate_weights if pretrained else None,
+            download=config.download,
         )
 
     options = {
@@ -514,15 +512,12 @@ def _check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None
 
 
 def _load_model_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        first = (missing or unexpected or shapes)[0]
+    from .backbones.weights import compare_keys
+
+    diff = compare_keys(model.state_dict(), state)
+    if diff:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match this model ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(shapes)} mis-shaped tensors, e.g. {first!r})"
+            f"checkpoint {str(path)!r} does not match this model ({diff.counts()})"
         )
     model.load_state_dict(state)
 
@@ -757,13 +752,6 @@ def _evaluate_epoch(
     return out
 
 
-def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    s = derive_seed(seed, epoch, rank, "global")
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-
-
 def fit(config: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a training run described by ``config``; rank 0 writes the results.
 
@@ -938,7 +926,7 @@ def _fit(
         }
 
     for epoch in range(start_epoch, config.epochs + 1):
-        _seed_epoch(config.seed, epoch, env.rank)
+        seed_epoch(config.seed, epoch, env.rank)
         method.on_train_epoch(prepared, seed=config.seed, epoch=epoch, rank=env.rank)
         loader = _train_loader(
             train_ds,

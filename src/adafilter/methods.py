@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .model import conv_execution_order
 from .registry import Registry
+from .utils.seeding import derive_seed
 
 logger = logging.getLogger("adafilter")
 
@@ -46,13 +46,6 @@ __all__ = [
     "freeze_first_half",
     "trainable_per_example",
 ]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed derived from ``parts`` (e.g. ``(seed, epoch, rank)``), stable across runs."""
-    ints = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts]
-    state = np.random.SeedSequence([abs(int(v)) for v in ints]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 @dataclass

@@ -19,13 +19,13 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import AdaFilterError
+from .utils.io import atomic_write_bytes
 
 __all__ = [
     "METHOD_ORDER",
@@ -899,25 +899,6 @@ def plot_policy_by_class(runs: Sequence[Run]) -> bytes | None:
 
 
 # ---------------------------------------------------------------------------------------- output
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _runs_table(runs: Sequence[Run], out_dir: Path) -> Table:
     rows = []
     for run in sorted(
@@ -1026,7 +1007,7 @@ def make_report(
     for name in _FIGURE_NAMES:
         path = out / name
         if name in pngs:
-            _atomic_write(path, pngs[name])
+            atomic_write_bytes(path, pngs[name])
             figures.append(path)
         else:
             path.unlink(missing_ok=True)  # a stale figure from an earlier report would mislead
@@ -1044,7 +1025,7 @@ def make_report(
         md += [missing_note, ""]
     md += ["## Runs", "", runs_tab.to_markdown(), ""]
     md_path = out / "report.md"
-    _atomic_write(md_path, "\n".join(md).encode("utf-8"))
+    atomic_write_bytes(md_path, "\n".join(md).encode("utf-8"))
 
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>", f"<p>{esc(intro)}</p>", "<h2>Results</h2>"]
@@ -1065,5 +1046,5 @@ def make_report(
         + "\n</body></html>\n"
     )
     html_path = out / "report.html"
-    _atomic_write(html_path, page.encode("utf-8"))
+    atomic_write_bytes(html_path, page.encode("utf-8"))
     return {"report_md": md_path, "report_html": html_path, "figures": figures, "table": table_md}

@@ -98,7 +98,8 @@ class TrainConfig:
             ``gate_lr``) for the gate's parameters; the network always trains with SGD. With SGD
             the gate's steps follow the policy gradient's magnitude, which is tiny (see the
             README's gate diagnosis); Adam's do not.
-        download: Let the dataset builder download missing data.
+        download: Fetch missing data and pretrained weights from their public sources into
+            the cache directory (``$ADAFILTER_HOME``, default ``~/.cache/adafilter``).
         quiet: Print nothing but warnings and errors.
         resume: Continue from ``<out>/checkpoint.pt`` if it exists.
     """
