@@ -28,7 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ADAFILTER_TEST_SHARED", REPO.parent / "shared"))
 SHARED_OMNIGLOT = SHARED / "data" / "omniglot"
 SHARED_CIFAR_WEIGHTS = SHARED / "weights" / "cifar10-resnet"
-KILL_ENV = "ADAFILTER_TEST_KILL_AT"
 
 PLUGIN_NAME = "adafilter_tiny_plugin"
 PLUGIN_SRC = '''
@@ -110,7 +109,6 @@ def install_plugin(directory: Path) -> dict[str, str]:
     )
     env["ADAFILTER_PLUGINS"] = PLUGIN_NAME
     env["OMP_NUM_THREADS"] = "1"
-    env.pop(KILL_ENV, None)
     return env
 
 

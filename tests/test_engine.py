@@ -17,9 +17,10 @@ import torch
 
 from adafilter.checkpoint import get_rng_state, load_checkpoint, set_rng_state
 from adafilter.cli import build_parser, main, train_config_from_args
+from adafilter.data import UnreadableImageWarning
 from adafilter.engine import build_scheduler, group_lr
 from adafilter.methods import METHODS
-from helpers import KILL_ENV, read_jsonl, train_args
+from helpers import make_imagefolder, read_jsonl, train_args
 
 # ---- schedule -------------------------------------------------------------------------------
 
@@ -165,6 +166,24 @@ def _run(args: list[str], env: dict[str, str], **kw: object) -> subprocess.Compl
 
 
 STABLE = ("epoch", "lr", "gate_lr", "train_loss", "train_acc", "test_loss", "test_acc")
+# `fit` with an on_step callback that SIGKILLs the process: a faithful `kill -9` mid-epoch.
+KILL_SCRIPT = """
+import os, signal, sys
+
+import adafilter_tiny_plugin  # noqa: F401  (registers tiny-cnn)
+from adafilter.cli import build_parser, train_config_from_args
+from adafilter.training.fit import fit
+
+at = tuple(int(v) for v in sys.argv[1].split(":"))
+
+
+def kill(epoch, step):
+    if (epoch, step) == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+fit(train_config_from_args(build_parser().parse_args(sys.argv[2:])), on_step=kill)
+"""
 
 
 @pytest.mark.slow
@@ -175,9 +194,15 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tiny: dict, tmp_path:
     assert _run(train_args(tiny["data"], full, "adafilter", *extra), env).returncode == 0
 
     cut = tmp_path / "cut"
-    killed = _run(
-        train_args(tiny["data"], cut, "adafilter", *extra), {**env, KILL_ENV: "2:1"}
-    )  # SIGKILL after step 1 of epoch 2 (of 2)
+    script = tmp_path / "kill_at.py"
+    script.write_text(KILL_SCRIPT)
+    killed = subprocess.run(  # SIGKILL after step 1 of epoch 2 (of 2)
+        [sys.executable, str(script), "2:1", *train_args(tiny["data"], cut, "adafilter", *extra)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9
     assert load_checkpoint(cut / "checkpoint.pt")["epoch"] == 1
     assert json.loads((cut / "summary.json").read_text())["completed"] is False
@@ -345,3 +370,24 @@ def test_channels_last_runs(tiny: dict, tmp_path: Path, method: str) -> None:
     argv = train_args(tiny["data"], out, method, "--epochs", "1", "--channels-last", "--quiet")
     assert main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["config"]["channels_last"] is True
+
+
+def test_unreadable_eval_image_is_dropped_and_counted(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unreadable evaluation image is left out (not replaced by another one, which would
+    then count twice) and reported: a warning, metrics, summary and `adafilter eval`."""
+    data = make_imagefolder(tmp_path / "data")
+    (data / "val" / "cat" / "0.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    with pytest.warns(UnreadableImageWarning, match="dropped from the evaluation"):
+        assert main(train_args(data, out, "finetune", "--epochs", "1", "--quiet")) == 0
+    row = read_jsonl(out / "metrics.jsonl")[0]
+    assert row["test_dropped"] == 1 and "val_dropped" not in row
+    s = json.loads((out / "summary.json").read_text())
+    assert s["eval_images_dropped"] == 1 and s["has_policies"] is False
+    capsys.readouterr()
+    with pytest.warns(UnreadableImageWarning):
+        assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out.strip())
+    assert res["images"] == 3 and res["dropped"] == 1 and res["test_acc"] == row["test_acc"]

@@ -257,7 +257,7 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
 
 @subcommand("train", "train a model with a fine-tuning method", _train_args)
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import fit
+    from .training.fit import fit
 
     config = train_config_from_args(args)
     _setup_logging(quiet=config.quiet)
@@ -278,7 +278,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("eval", "evaluate a run's checkpoint; prints one JSON line", _eval_args)
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .engine import evaluate_checkpoint
+    from .training.fit import evaluate_checkpoint
 
     _setup_logging(quiet=True)
     result = evaluate_checkpoint(

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .model import conv_execution_order
 from .registry import Registry
+from .training.policy_stats import PolicyStats
 from .utils.seeding import derive_seed
 
 logger = logging.getLogger("adafilter")
@@ -94,6 +95,17 @@ class Method:
     @property
     def graph_capturable(self) -> bool:
         return True
+
+    @property
+    def uses_gate_backbone(self) -> bool:
+        """The model needs ``TrainConfig.gate_backbone`` (a CNN gate)."""
+        return False
+
+    def policy_stats(
+        self, prepared: Prepared, *, num_classes: int, device: torch.device
+    ) -> PolicyStats | None:
+        """An accumulator of the evaluation's policies, or ``None`` (no policies)."""
+        return None
 
     def build(
         self,
@@ -343,6 +355,24 @@ class AdaFilterMethod(Method):
     @property
     def graph_capturable(self) -> bool:
         return self.policy != "random"  # random policies are drawn on the host per layer
+
+    @property
+    def uses_gate_backbone(self) -> bool:
+        return self.overrides.get("gate") == "cnn"
+
+    def policy_stats(
+        self, prepared: Prepared, *, num_classes: int, device: torch.device
+    ) -> PolicyStats | None:
+        model = prepared.model
+        if not model.gated_layer_names:
+            return None
+        return PolicyStats(
+            model.gated_layer_names,
+            model.layer_out_channels,
+            lambda: model.policies,
+            num_classes=num_classes,
+            device=device,
+        )
 
     def build(
         self,
