@@ -386,7 +386,8 @@ class AdaFilterMethod(Method):
         from . import AdaFilterConfig, wrap
 
         values = {**dict(options.get("adafilter") or {}), **self.overrides}
-        values.setdefault("random_p", options.get("random_p", 0.5))
+        if "random_p" in options:  # else AdaFilterConfig's default
+            values.setdefault("random_p", options["random_p"])
         if "gate_backbone" in options:
             values["cnn_gate_backbone"] = options["gate_backbone"]
         try:

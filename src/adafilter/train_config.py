@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .config import AdaFilterConfig
 from .errors import AdaFilterError
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -131,7 +132,7 @@ class TrainConfig:
     gate_weights: str | None = None
     l2sp_alpha: float = 0.01
     l2sp_beta: float = 0.01
-    random_p: float = 0.5
+    random_p: float = AdaFilterConfig.random_p  # defined once, in AdaFilterConfig
     adafilter: dict[str, Any] = field(default_factory=dict)
     precise_bn: int = 16
     bn_momentum: float | None = None
