@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 from ..config import AdaFilterConfig
@@ -41,95 +42,84 @@ GATE_FIELDS = {  # argparse dest -> AdaFilterConfig field
 }
 
 
+# TrainConfig flags in --help order: (field, help). The flag is --field-name; its type comes
+# from the field's annotation and "{d}" in the help from the field's default (never retyped).
+# None marks where --preset and the gate flags go.
+TRAIN_FLAGS: list[tuple[str, str] | None] = [
+    ("method", "one of: {methods} (default {d})"),
+    ("dataset", "dataset name (see adafilter.data.DATASETS)"),
+    ("data_root", "dataset directory"),
+    ("backbone", "backbone name (default {d})"),
+    ("weights", "backbone weights: 'pretrained' or a state_dict file (default: random)"),
+    ("out", "output directory of the run"),
+    ("epochs", "total epochs (default {d})"),
+    ("batch_size", "global batch size (default {d})"),
+    ("resolution", "input size (default: backbone's)"),
+    ("seed", "random seed (default {d})"),
+    ("lr", "network learning rate (default {d})"),
+    ("gate_lr", "gate learning rate (default {d} with adam)"),
+    ("momentum", "SGD momentum (default {d})"),
+    ("weight_decay", "weight decay (default {d})"),
+    ("milestones", "lr x gamma after these epochs (default {d})"),
+    ("gamma", "lr decay factor (default {d})"),
+    ("workers", "DataLoader workers (default {d})"),
+    ("device", "auto, cpu, cuda or cuda:N (default {d})"),
+    ("amp", "off, bf16 or fp16 (CUDA only; default {d})"),
+    ("channels_last", "channels-last memory format"),
+    ("cuda_graphs", "replay each training step as a CUDA graph (one GPU; default off)"),
+    ("subset_per_class", "keep at most K images per class (quick runs)"),
+    ("train_per_class", "keep at most K training images per class (evaluation split whole)"),
+    ("gate_backbone", "cnn-gate network (default {d})"),
+    ("gate_weights", "cnn-gate weights ('pretrained' or file)"),
+    ("l2sp_alpha", "L2-SP alpha (default {d})"),
+    ("l2sp_beta", "L2-SP beta (default {d})"),
+    ("random_p", "random-policy p (default {d})"),
+    None,  # --preset
+    (
+        "precise_bn",
+        "recompute BN statistics over N training batches before each evaluation "
+        "(0 = off; default {d})",
+    ),
+    ("bn_momentum", "override the backbone's BN momentum"),
+    ("eval_every", "evaluate every N epochs (epoch 1 and the last always; {d})"),
+    (
+        "val_fraction",
+        "hold out this share of each class's training images for validation (0 = off)",
+    ),
+    ("gate_optimizer", "adam or sgd for the gate (default {d})"),
+    None,  # the gate flags
+    ("download", "download the dataset and pretrained weights if missing (into $ADAFILTER_HOME)"),
+    ("quiet", "print only warnings and errors"),
+    ("resume", "continue from OUT/checkpoint.pt if it exists"),
+]
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "list[int]": int_list}
+
+
+def _add_field_flag(p: argparse.ArgumentParser, name: str, text: str, **fmt: str) -> None:
+    """``--name`` for TrainConfig field ``name``; absent flags stay absent (argparse.SUPPRESS),
+    so a --config file's values survive."""
+    kind = next(f.type for f in fields(TrainConfig) if f.name == name).split(" | ")[0]
+    help_text = text.format(d=default_of(TrainConfig, name), **fmt)
+    flag, s = "--" + name.replace("_", "-"), argparse.SUPPRESS
+    if kind == "bool":
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, default=s, help=help_text)
+    else:
+        p.add_argument(flag, type=_TYPES.get(kind, str), default=s, help=help_text)
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     from ..methods import METHODS
 
-    s = argparse.SUPPRESS  # absent flags stay absent, so the config file's values survive
-
-    def d(name: str) -> str:  # "(default X)" from TrainConfig itself, never retyped here
-        return default_of(TrainConfig, name)
-
     p.add_argument("--config", default=None, help="TOML or YAML file of options (flags win)")
-    p.add_argument(
-        "--method", default=s, help=f"one of: {', '.join(METHODS.names())} (default {d('method')})"
-    )
-    p.add_argument("--dataset", default=s, help="dataset name (see adafilter.data.DATASETS)")
-    p.add_argument("--data-root", default=s, help="dataset directory")
-    p.add_argument("--backbone", default=s, help=f"backbone name (default {d('backbone')})")
-    p.add_argument(
-        "--weights",
-        default=s,
-        help="backbone weights: 'pretrained' or a state_dict file (default: random)",
-    )
-    p.add_argument("--out", default=s, help="output directory of the run")
-    p.add_argument("--epochs", type=int, default=s, help=f"total epochs (default {d('epochs')})")
-    p.add_argument(
-        "--batch-size", type=int, default=s, help=f"global batch size (default {d('batch_size')})"
-    )
-    p.add_argument("--resolution", type=int, default=s, help="input size (default: backbone's)")
-    p.add_argument("--seed", type=int, default=s, help=f"random seed (default {d('seed')})")
-    p.add_argument("--lr", type=float, default=s, help=f"network learning rate (default {d('lr')})")
-    p.add_argument(
-        "--gate-lr",
-        type=float,
-        default=s,
-        help=f"gate learning rate (default {d('gate_lr')} with {d('gate_optimizer')})",
-    )
-    p.add_argument(
-        "--momentum", type=float, default=s, help=f"SGD momentum (default {d('momentum')})"
-    )
-    p.add_argument(
-        "--weight-decay", type=float, default=s, help=f"weight decay (default {d('weight_decay')})"
-    )
-    p.add_argument(
-        "--milestones",
-        type=int_list,
-        default=s,
-        help=f"lr x gamma after these epochs (default {d('milestones')})",
-    )
-    p.add_argument("--gamma", type=float, default=s, help=f"lr decay factor (default {d('gamma')})")
-    p.add_argument(
-        "--workers", type=int, default=s, help=f"DataLoader workers (default {d('workers')})"
-    )
-    p.add_argument("--device", default=s, help=f"auto, cpu, cuda or cuda:N (default {d('device')})")
-    p.add_argument("--amp", default=s, help=f"off, bf16 or fp16 (CUDA only; default {d('amp')})")
-    p.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=s,
-        help="channels-last memory format",
-    )
-    p.add_argument(
-        "--cuda-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=s,
-        help="replay each training step as a CUDA graph (one GPU; default off)",
-    )
-    p.add_argument(
-        "--subset-per-class",
-        type=int,
-        default=s,
-        help="keep at most K images per class (quick runs)",
-    )
-    p.add_argument(
-        "--train-per-class",
-        type=int,
-        default=s,
-        help="keep at most K training images per class (evaluation split whole)",
-    )
-    p.add_argument(
-        "--gate-backbone", default=s, help=f"cnn-gate network (default {d('gate_backbone')})"
-    )
-    p.add_argument("--gate-weights", default=s, help="cnn-gate weights ('pretrained' or file)")
-    p.add_argument(
-        "--l2sp-alpha", type=float, default=s, help=f"L2-SP alpha (default {d('l2sp_alpha')})"
-    )
-    p.add_argument(
-        "--l2sp-beta", type=float, default=s, help=f"L2-SP beta (default {d('l2sp_beta')})"
-    )
-    p.add_argument(
-        "--random-p", type=float, default=s, help=f"random-policy p (default {d('random_p')})"
-    )
+    gaps = iter([_preset_flag, _gate_flags])
+    for entry in TRAIN_FLAGS:
+        if entry is None:
+            next(gaps)(p)
+        else:
+            _add_field_flag(p, *entry, methods=", ".join(METHODS.names()))
+
+
+def _preset_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         default=None,
@@ -137,53 +127,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="start from a named set of options (flags and --config win): 'paper' = the "
         "paper's published settings",
     )
-    p.add_argument(
-        "--precise-bn",
-        type=int,
-        default=s,
-        help="recompute BN statistics over N training batches before each evaluation "
-        f"(0 = off; default {d('precise_bn')})",
-    )
-    p.add_argument(
-        "--bn-momentum", type=float, default=s, help="override the backbone's BN momentum"
-    )
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=s,
-        help="evaluate every N epochs (epoch 1 and the last always; 1)",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=s,
-        help="hold out this share of each class's training images for validation (0 = off)",
-    )
-    p.add_argument(
-        "--gate-optimizer",
-        default=s,
-        help=f"adam or sgd for the gate (default {d('gate_optimizer')})",
-    )
+
+
+def _gate_flags(p: argparse.ArgumentParser) -> None:
     for flag, field_name, kind, text in GATE_FLAGS:
-        p.add_argument(flag, type=kind, default=s, dest=field_name, help=text)
-    p.add_argument(
-        "--download",
-        action=argparse.BooleanOptionalAction,
-        default=s,
-        help="download the dataset and pretrained weights if missing (into $ADAFILTER_HOME)",
-    )
-    p.add_argument(
-        "--quiet",
-        action=argparse.BooleanOptionalAction,
-        default=s,
-        help="print only warnings and errors",
-    )
-    p.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=s,
-        help="continue from OUT/checkpoint.pt if it exists",
-    )
+        p.add_argument(flag, type=kind, default=argparse.SUPPRESS, dest=field_name, help=text)
 
 
 def train_config_from_args(args: argparse.Namespace) -> Any:
