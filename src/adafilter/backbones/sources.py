@@ -88,16 +88,6 @@ def _torchvision_weights(name: str) -> tuple[torchvision.models.WeightsEnum, Pat
     return weights, Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
-def _torchvision_pretrained(name: str) -> Callable[[], tuple[Path, str]]:
-    def source() -> tuple[Path, str]:
-        weights, cached = _torchvision_weights(name)
-        if not cached.is_file():
-            _download(weights.url, cached)
-        return cached, f"torchvision {type(weights).__name__}.IMAGENET1K_V1 ({cached})"
-
-    return source
-
-
 def torchvision_pretrained(name: str) -> Callable[[], tuple[Path, str]]:
     """``BackboneSpec.pretrained`` of a torchvision ResNet: the hub cache, downloaded if absent."""
 
