@@ -380,8 +380,11 @@ def test_unreadable_eval_image_is_dropped_and_counted(
     data = make_imagefolder(tmp_path / "data")
     (data / "val" / "cat" / "0.png").write_bytes(b"not an image")
     out = tmp_path / "run"
-    with pytest.warns(UnreadableImageWarning, match="dropped from the evaluation"):
+    with pytest.warns(UnreadableImageWarning) as record:
         assert main(train_args(data, out, "finetune", "--epochs", "1", "--quiet")) == 0
+    said = [str(w.message) for w in record]
+    assert any("dropped from the evaluation" in m for m in said)
+    assert any("skipped 1 unreadable image(s)" in m for m in said)  # the epoch's count
     row = read_jsonl(out / "metrics.jsonl")[0]
     assert row["test_dropped"] == 1 and "val_dropped" not in row
     s = json.loads((out / "summary.json").read_text())
