@@ -1,10 +1,11 @@
-# Two entry points: `make demo` (set up + main job) and `make test` (set up + test suite).
+# Two entry points: `make demo` (set up + main job) and `make test` (set up + the default test
+# tier, what CI runs); `make test-all` adds the slow tier.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-all lint demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +16,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

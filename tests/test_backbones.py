@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 import threading
@@ -15,7 +16,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from adafilter import backbones
 from adafilter.backbones import (
     BackboneInfo,
     backbone_names,
@@ -23,8 +23,10 @@ from adafilter.backbones import (
     build_feature_extractor,
     load_state_dict_file,
     pretrained_weights_path,
+    sources,
 )
 from adafilter.errors import AdaFilterError, CheckpointError
+from adafilter.utils import download
 
 EXPECTED = {
     "resnet18",
@@ -73,7 +75,14 @@ def test_backbone_names_lists_every_backbone() -> None:
     assert backbone_names() == sorted(backbone_names())
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+# The largest builds (seconds each on 2 cores) are the slow tier.
+BIG = {"resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[pytest.mark.slow] if n in BIG else []) for n in sorted(EXPECTED)],
+)
 def test_every_backbone_builds_and_replaces_head(name: str) -> None:
     model, info = build_backbone(name, num_classes=5)
     assert info.name == name and info.source == "random init"
@@ -147,7 +156,7 @@ def _cifar_samples() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("depth", [20, 32, 44, 56])
-def test_cifar_resnet_classifies_real_cifar10_images(depth: int) -> None:
+def test_cifar_resnet_classifies_real_cifar10_images(depth: int, shared_home: Path) -> None:
     name = f"cifar-resnet{depth}"
     _require(name)
     images, labels = _cifar_samples()
@@ -159,7 +168,7 @@ def test_cifar_resnet_classifies_real_cifar10_images(depth: int) -> None:
     assert accuracy >= 0.8, f"{name}: {accuracy:.0%} of {len(labels)} samples correct"
 
 
-def test_pretrained_body_is_loaded_and_head_is_fresh() -> None:
+def test_pretrained_body_is_loaded_and_head_is_fresh(shared_home: Path) -> None:
     path = _require("cifar-resnet20")
     stored = load_state_dict_file(path)
     model, info = build_backbone("cifar-resnet20", num_classes=5, weights="pretrained")
@@ -296,8 +305,8 @@ def test_download_fails_fast_when_dns_hangs(
         release.wait(10)  # an offline resolver that never answers
         raise OSError("unreachable")
 
-    monkeypatch.setattr(backbones, "DOWNLOAD_TIMEOUT_S", 0.3)
-    monkeypatch.setattr(backbones.socket, "create_connection", hanging_connect)
+    monkeypatch.setattr(sources, "DOWNLOAD_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(download.socket, "create_connection", hanging_connect)
     start = time.monotonic()
     try:
         with pytest.raises(CheckpointError) as exc:
@@ -315,8 +324,8 @@ def test_download_error_becomes_one_line_checkpoint_error(
     def offline(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(backbones, "_probe_host", lambda *a: None)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(download, "probe_host", lambda *a: None)
+    monkeypatch.setattr(download.urllib.request, "urlopen", offline)
     with pytest.raises(CheckpointError) as exc:
         build_backbone("resnet18", num_classes=5, weights="pretrained")
     assert "--weights FILE" in _assert_one_line(exc)
@@ -334,9 +343,69 @@ def test_imagenet_weights_from_hub_cache_need_no_network(
     def no_network(*args: object) -> None:
         raise AssertionError("must not touch the network when the file is cached")
 
-    monkeypatch.setattr(backbones, "_probe_host", no_network)
+    monkeypatch.setattr(download, "probe_host", no_network)
     assert pretrained_weights_path("resnet18") == empty_hub / "resnet18-f37072fd.pth"
     model, info = build_backbone("resnet18", num_classes=5, weights="imagenet")
     assert "IMAGENET1K_V1" in info.source
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
     assert model.fc.out_features == 5
+
+
+# --------------------------------------------------------------------------- the cache directory
+
+
+def test_cifar_weights_missing_name_path_and_fix(empty_adafilter_home: Path) -> None:
+    """Never a ``../shared`` lookup: the file is expected in ``$ADAFILTER_HOME``."""
+    assert pretrained_weights_path("cifar-resnet20") is None
+    with pytest.raises(CheckpointError) as exc:
+        build_backbone("cifar-resnet20", num_classes=5, weights="pretrained")
+    msg = _assert_one_line(exc)
+    want = empty_adafilter_home / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
+    assert str(want) in msg and "--download" in msg and "--weights FILE" in msg
+    assert "github.com/akamaster/pytorch_resnet_cifar10" in msg  # the official source
+
+
+def _serve_cifar20(
+    server: tuple[str, object], monkeypatch: pytest.MonkeyPatch, data: bytes, sha256: str
+) -> str:
+    """Serve ``data`` as the resnet20 file (checked against ``sha256``) from the local server."""
+    url, state = server
+    name = "resnet20-test.th"
+    state.files[name] = data  # type: ignore[attr-defined]
+    monkeypatch.setitem(sources.CIFAR_WEIGHTS, 20, (name, sha256))
+    monkeypatch.setenv(download.BASE_URL_ENV, url)
+    return name
+
+
+def test_cifar_weights_download_into_the_cache(
+    tmp_path: Path,
+    server: tuple[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+    cifar20_state: dict[str, torch.Tensor],
+) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("ADAFILTER_HOME", str(home))
+    torch.save(cifar20_state, tmp_path / "w.th")
+    data = (tmp_path / "w.th").read_bytes()
+    name = _serve_cifar20(server, monkeypatch, data, hashlib.sha256(data).hexdigest())
+    model, info = build_backbone(
+        "cifar-resnet20", num_classes=10, weights="pretrained", download=True, keep_head=True
+    )
+    cached = home / "weights" / "cifar10-resnet" / name
+    assert cached.read_bytes() == data and str(cached) in info.source
+    assert torch.equal(model.state_dict()["conv1.weight"], cifar20_state["conv1.weight"])
+    assert pretrained_weights_path("cifar-resnet20") == cached
+    build_backbone("cifar-resnet20", num_classes=10, weights="pretrained", download=True)
+    assert len(server[1].requests) == 1  # type: ignore[attr-defined]  # cached: no refetch
+
+
+def test_cifar_weights_download_checks_sha256(
+    tmp_path: Path, server: tuple[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path / "home"))
+    _serve_cifar20(server, monkeypatch, b"not the weights", "0" * 64)
+    with pytest.raises(CheckpointError) as exc:
+        build_backbone("cifar-resnet20", num_classes=10, weights="pretrained", download=True)
+    assert "checksum mismatch" in _assert_one_line(exc)
+    folder = tmp_path / "home" / "weights" / "cifar10-resnet"
+    assert not folder.exists() or not any(folder.iterdir())  # nothing half-written kept

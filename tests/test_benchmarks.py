@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a subprocess benchmark run
 
 
 def test_speed_benchmark_quick_prints_every_ratio() -> None:

@@ -5,55 +5,45 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from adafilter.cli import SUBCOMMANDS, main
-from test_engine import install_plugin, make_imagefolder, train_args, uninstall_plugin
+from helpers import one_line_error, train_args
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    base = tmp_path_factory.mktemp("cli")
-    env = install_plugin(base / "plugin")
-    data = make_imagefolder(base / "data")
-    run = base / "run"
-    assert main(train_args(data, run, "adafilter", "--epochs", "1", "--quiet")) == 0
-    yield {"env": env, "data": data, "run": run}
-    uninstall_plugin()
+def trained(tiny: dict) -> dict[str, object]:
+    """``tiny`` plus ``"run"``: a one-epoch AdaFilter run on it."""
+    run = tiny["base"] / "run"
+    assert main(train_args(tiny["data"], run, "adafilter", "--epochs", "1", "--quiet")) == 0
+    return {**tiny, "run": run}
 
 
-def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("adafilter: error: ") and "Traceback" not in err
-    return lines[0]
-
-
-def test_unknown_method(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    line = one_line_error(capsys, train_args(tiny["data"], tmp_path / "o", "nope"))
+def test_unknown_method(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = one_line_error(capsys, train_args(trained["data"], tmp_path / "o", "nope"))
     assert "unknown method 'nope'" in line and "adafilter" in line and "l2sp" in line
 
 
-def test_unknown_backbone(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = train_args(tiny["data"], tmp_path / "o")
+def test_unknown_backbone(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = train_args(trained["data"], tmp_path / "o")
     argv[argv.index("tiny-cnn")] = "resnet9000"
     assert "unknown backbone 'resnet9000'" in one_line_error(capsys, argv)
 
 
-def test_unknown_dataset(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = train_args(tiny["data"], tmp_path / "o")
+def test_unknown_dataset(trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = train_args(trained["data"], tmp_path / "o")
     argv[argv.index("imagefolder")] = "mnist-9000"
     assert "unknown dataset 'mnist-9000'" in one_line_error(capsys, argv)
 
 
-def test_missing_data_root(tmp_path: Path, tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_data_root(
+    tmp_path: Path, trained: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
     missing = tmp_path / "nowhere"
     line = one_line_error(capsys, train_args(missing, tmp_path / "o"))
     assert str(missing) in line
@@ -65,17 +55,17 @@ def test_missing_required_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_resume_with_checkpoint_from_another_model(
-    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = train_args(tiny["data"], tiny["run"], "standard-bn", "--epochs", "2", "--resume")
+    argv = train_args(trained["data"], trained["run"], "standard-bn", "--epochs", "2", "--resume")
     line = one_line_error(capsys, argv)
     assert "another run" in line and "method" in line and "standard-bn" in line
 
 
 def test_eval_checkpoint_of_another_model(
-    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ckpt = torch.load(tiny["run"] / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(trained["run"] / "checkpoint.pt", weights_only=True)
     ckpt["config"]["method"] = "finetune"  # its weights are an AdaFilter model's
     torch.save(ckpt, tmp_path / "other.pt")
     line = one_line_error(capsys, ["eval", "--checkpoint", str(tmp_path / "other.pt")])
@@ -83,10 +73,12 @@ def test_eval_checkpoint_of_another_model(
 
 
 def test_weights_file_of_another_model(
-    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     torch.save({"features.0.weight": torch.zeros(2, 2)}, tmp_path / "w.pt")
-    argv = train_args(tiny["data"], tmp_path / "o", "finetune", "--weights", str(tmp_path / "w.pt"))
+    argv = train_args(
+        trained["data"], tmp_path / "o", "finetune", "--weights", str(tmp_path / "w.pt")
+    )
     assert "w.pt" in one_line_error(capsys, argv)
 
 
@@ -105,25 +97,28 @@ def test_eval_rejects_non_checkpoints(
 
 
 def test_output_directory_holding_a_run_needs_resume(
-    tiny: dict, capsys: pytest.CaptureFixture[str]
+    trained: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    line = one_line_error(capsys, train_args(tiny["data"], tiny["run"], "adafilter"))
+    line = one_line_error(capsys, train_args(trained["data"], trained["run"], "adafilter"))
     assert "--resume" in line
 
 
-def test_data_check_prints_one_json_line(tiny: dict, capsys: pytest.CaptureFixture[str]) -> None:
+def test_data_check_prints_one_json_line(trained: dict, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert (
-        main(["data", "check", "--dataset", "imagefolder", "--data-root", str(tiny["data"])]) == 0
+        main(["data", "check", "--dataset", "imagefolder", "--data-root", str(trained["data"])])
+        == 0
     )
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     assert json.loads(out[0])["dataset"] == "imagefolder"
 
 
-def test_report_subcommand(tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_subcommand(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     capsys.readouterr()
-    assert main(["report", str(tiny["run"]), "--out", str(tmp_path / "rep")]) == 0
+    assert main(["report", str(trained["run"]), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").exists()
     assert "report_md" in json.loads(capsys.readouterr().out)
 
@@ -132,18 +127,18 @@ def test_subcommands_registered() -> None:
     assert {"train", "eval", "data", "report"} <= set(SUBCOMMANDS)
 
 
-def test_python_m_adafilter_bad_input_has_no_traceback(tiny: dict, tmp_path: Path) -> None:
+def test_python_m_adafilter_bad_input_has_no_traceback(trained: dict, tmp_path: Path) -> None:
     ok = subprocess.run(
         [sys.executable, "-m", "adafilter", "--help"],
-        env=tiny["env"],
+        env=trained["env"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert ok.returncode == 0 and "train" in ok.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "adafilter", *train_args(tiny["data"], tmp_path / "o", "nope")],
-        env=tiny["env"],
+        [sys.executable, "-m", "adafilter", *train_args(trained["data"], tmp_path / "o", "nope")],
+        env=trained["env"],
         capture_output=True,
         text=True,
         timeout=120,

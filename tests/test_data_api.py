@@ -20,7 +20,8 @@ from adafilter.data import (
     build_datasets,
     build_transforms,
 )
-from adafilter.data.base import ZipSource
+from adafilter.data.api import with_transform
+from adafilter.data.base import DROPPED_LABEL, ZipSource, collate_dropping
 from adafilter.errors import DataError
 
 
@@ -72,8 +73,11 @@ def test_build_datasets_contract(tmp_path: Path) -> None:
 
 
 def test_corrupt_image_is_skipped_with_one_warning(tmp_path: Path) -> None:
-    root = _tree(tmp_path, broken=("val/a/1.png", "val/b/0.png"))
-    _, ev, _ = build_datasets("imagefolder", root, resolution=8)
+    """Training: an unreadable image is replaced (here through the deterministic eval
+    transform, so the substitutes can be compared)."""
+    root = _tree(tmp_path, broken=("train/a/1.png", "train/b/0.png"))
+    train, evals, _ = build_datasets("imagefolder", root, resolution=8)
+    ev = with_transform(train, evals.transform)
     with pytest.warns(UnreadableImageWarning) as record:
         items = [ev[i] for i in range(len(ev))]
         items += [ev[i] for i in range(len(ev))]  # second epoch: known-bad, no new warning
@@ -99,10 +103,26 @@ def test_strict_images_raise(tmp_path: Path) -> None:
 
 
 def test_all_unreadable_is_a_clear_error(tmp_path: Path) -> None:
-    root = _tree(tmp_path, broken=tuple(f"val/{c}/{k}.png" for c in "ab" for k in range(3)))
-    _, ev, _ = build_datasets("imagefolder", root, resolution=8)
+    root = _tree(tmp_path, broken=tuple(f"train/{c}/{k}.png" for c in "ab" for k in range(3)))
+    train, _, _ = build_datasets("imagefolder", root, resolution=8)
     with pytest.warns(UnreadableImageWarning), pytest.raises(DataError, match="no readable"):
-        ev[0]
+        train[0]
+
+
+def test_unreadable_evaluation_image_is_dropped_not_replaced(tmp_path: Path) -> None:
+    root = _tree(tmp_path, broken=("val/a/1.png", "val/b/0.png"))
+    _, ev, _ = build_datasets("imagefolder", root, resolution=8)
+    with pytest.warns(UnreadableImageWarning) as record:
+        items = [ev[i] for i in range(len(ev))]
+        items += [ev[i] for i in range(len(ev))]  # known-bad: no new warning
+    assert len(record) == 1 and "dropped from the evaluation" in str(record[0].message)
+    assert [y for _, y in items[:6]] == [0, DROPPED_LABEL, 0, DROPPED_LABEL, 1, 1]
+    assert items[1][0] is None and items[3][0] is None and ev.num_skipped == 2
+    images, labels = collate_dropping(items[:4])  # the batch keeps its size
+    assert tuple(images.shape) == (4, 3, 8, 8) and labels.tolist() == [0, -1, 0, -1]
+    assert not images[1].any()
+    images, labels = collate_dropping([items[1], items[3]])
+    assert images.shape[0] == 2 and labels.tolist() == [-1, -1]
 
 
 def test_dataloader_workers_and_pickling(tmp_path: Path) -> None:

@@ -5,10 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -17,74 +13,15 @@ import scipy.io
 from PIL import Image
 
 from adafilter.data import build_datasets, download_dataset
-from adafilter.data.download import (
+from adafilter.errors import DataError
+from adafilter.utils.download import (
     BASE_URL_ENV,
     Resource,
     download_file,
     extract_archive,
     fetch_resources,
 )
-from adafilter.errors import DataError
-
-
-@dataclass
-class ServerState:
-    files: dict[str, bytes] = field(default_factory=dict)
-    truncate_once: set[str] = field(default_factory=set)  # first GET sends half, then drops
-    ignore_range: bool = False
-    requests: list[tuple[str, str | None]] = field(default_factory=list)
-
-
-class Handler(BaseHTTPRequestHandler):
-    state: ServerState
-
-    def log_message(self, *args: object) -> None:  # keep test output quiet
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        name = self.path.lstrip("/")
-        rng = self.headers.get("Range")
-        self.state.requests.append((name, rng))
-        data = self.state.files.get(name)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        if rng and not self.state.ignore_range:
-            start = int(rng.removeprefix("bytes=").split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if name in self.state.truncate_once:
-            self.state.truncate_once.discard(name)
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True  # simulate a dropped transfer
-            return
-        self.wfile.write(body)
-
-
-@pytest.fixture()
-def server() -> Iterator[tuple[str, ServerState]]:
-    state = ServerState()
-    handler = type("H", (Handler,), {"state": state})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+from helpers import ServerState
 
 
 def _tar(members: dict[str, bytes]) -> bytes:

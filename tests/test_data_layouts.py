@@ -17,9 +17,6 @@ from PIL import Image
 from adafilter.data import DATASETS, build_datasets, check_data_root
 from adafilter.errors import AdaFilterError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot" / "images_background_small1.zip"
-
 
 def _jpeg_bytes(value: int = 128) -> bytes:
     buf = io.BytesIO()
@@ -305,9 +302,9 @@ def test_omniglot_small_zip_folder_and_extracted(tmp_path: Path) -> None:
     assert check_data_root("omniglot-small", tmp_path / "x")["eval"] == 20
 
 
-@pytest.mark.skipif(not REAL_OMNIGLOT.exists(), reason="shared omniglot zip not available")
-def test_omniglot_small_real_zip() -> None:
-    summary = check_data_root("omniglot-small", REAL_OMNIGLOT.parent)
+def test_omniglot_small_real_zip(shared_home: Path) -> None:
+    """The real zip from ``../shared``; ``None`` reads it from the cache directory."""
+    summary = check_data_root("omniglot-small", shared_home / "data" / "omniglot-small")
     assert summary == {"dataset": "omniglot-small", "train": 2040, "eval": 680, "classes": 136}
     train, _, info = build_datasets("omniglot-small", None, resolution=32)
     assert info.num_classes == 136 and tuple(train[0][0].shape) == (3, 32, 32)
@@ -444,3 +441,14 @@ def test_caltech256_60_counts(tmp_path: Path) -> None:
 def test_fashion_mnist_debian_default_root() -> None:
     summary = check_data_root("fashion-mnist", None)
     assert summary == {"dataset": "fashion-mnist", "train": 60000, "eval": 10000, "classes": 10}
+
+
+def test_default_root_is_the_cache_directory_and_missing_names_path_and_fix(
+    empty_adafilter_home: Path,
+) -> None:
+    """No ``../shared`` lookup: the default is ``$ADAFILTER_HOME/data/omniglot-small``."""
+    with pytest.raises(DataError) as exc:
+        build_datasets("omniglot-small", None, resolution=8)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert str(empty_adafilter_home / "data" / "omniglot-small") in msg and "--download" in msg

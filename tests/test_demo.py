@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from adafilter.cli import main
-from test_engine import install_plugin, make_imagefolder, uninstall_plugin
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    base = tmp_path_factory.mktemp("demo")
-    install_plugin(base / "plugin")  # registers the tiny-cnn backbone
-    yield {"data": make_imagefolder(base / "data")}
-    uninstall_plugin()
 
 
 def _demo_args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -107,6 +97,7 @@ def test_demo_help_lists_the_knobs(capsys):
         assert flag in text
 
 
+@pytest.mark.slow
 def test_demo_with_resnet50_and_a_weights_file(tiny, tmp_path, capsys):
     """A user with their own ImageNet ResNet-50 state_dict runs the demo with --weights FILE."""
     import torch

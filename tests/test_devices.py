@@ -15,8 +15,7 @@ from torch import nn
 
 from adafilter import AdaFilterConfig, wrap
 from adafilter.layers.gated_bn import gated_batch_norm
-from test_gated_bn import _bns
-from test_model import _perturb_bn
+from helpers import perturb_bn, random_bns
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -51,7 +50,9 @@ def test_gated_bn_matches_float64_cpu(
 
     results = []
     for dev, dt in ((device, dtype), ("cpu", torch.float64)):
-        bn_f, bn_s = (bn.to(dev, torch.float32 if dt != torch.float64 else dt) for bn in _bns(c))
+        bn_f, bn_s = (
+            bn.to(dev, torch.float32 if dt != torch.float64 else dt) for bn in random_bns(c)
+        )
         xf = xf64.to(dev, dt).requires_grad_()
         xs = xs64.to(dev, dt).requires_grad_()
         g = g64.to(dev, dt).requires_grad_()
@@ -72,7 +73,7 @@ def test_gated_bn_matches_float64_cpu(
 
 def _tiny_resnet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _perturb_bn(torchvision.models.resnet18(num_classes=5), seed)
+    return perturb_bn(torchvision.models.resnet18(num_classes=5), seed)
 
 
 AUTOCAST = [

@@ -16,13 +16,7 @@ import pytest
 import torch
 
 from adafilter.errors import AdaFilterError
-from test_engine import (
-    install_plugin,
-    make_imagefolder,
-    read_jsonl,
-    train_args,
-    uninstall_plugin,
-)
+from helpers import install_plugin, make_imagefolder, read_jsonl, train_args, uninstall_plugin
 
 
 def free_port() -> int:

@@ -1,18 +1,14 @@
 """Engine: schedule, every method end to end, files, checkpoints, kill -9 + resume, eval.
 
-Also hosts the tiny fixtures shared by test_methods/test_cli/test_distributed: a ~2.5k-parameter
-conv-BN backbone ``tiny-cnn`` registered by a plugin module (so subprocesses can load it via
-``ADAFILTER_PLUGINS``) and a generated 16 px ImageFolder tree.
+Runs use the ``tiny`` fixture (``conftest.py``): the ``tiny-cnn`` backbone on a generated
+16 px ImageFolder.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,140 +17,10 @@ import torch
 
 from adafilter.checkpoint import get_rng_state, load_checkpoint, set_rng_state
 from adafilter.cli import build_parser, main, train_config_from_args
+from adafilter.data import UnreadableImageWarning
 from adafilter.engine import build_scheduler, group_lr
 from adafilter.methods import METHODS
-
-PLUGIN_NAME = "adafilter_tiny_plugin"
-PLUGIN_SRC = '''
-from torch import nn
-
-from adafilter.backbones import BACKBONES, BackboneSpec
-
-
-class TinyCNN(nn.Module):
-    """conv-bn-relu x3 + pool + linear head "fc" (about 2.5k parameters)."""
-
-    def __init__(self, num_classes):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.conv3 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(16)
-        self.relu = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        x = self.relu(self.bn3(self.conv3(x)))
-        return self.fc(self.pool(x).flatten(1))
-
-
-def _no_weights():
-    raise RuntimeError("tiny-cnn has no pretrained weights")
-
-
-def register():
-    if "tiny-cnn" not in BACKBONES:
-        BACKBONES.add("tiny-cnn", BackboneSpec(
-            name="tiny-cnn", factory=TinyCNN, head_name="fc", feature_dim=16,
-            mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), default_resolution=16,
-            pretrained_dataset="imagenet", pretrained=_no_weights,
-        ))
-
-
-register()
-'''
-
-
-def make_imagefolder(root: Path, *, train: int = 4, val: int = 2, size: int = 16) -> Path:
-    """root/{train,val}/{cat,dog}/*.png; "dog" images have a bright left half."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in ("cat", "dog"):
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                arr = (rng.random((size, size, 3)) * 255).astype("uint8")
-                if c == "dog":
-                    arr[:, : size // 2] = 255
-                Image.fromarray(arr).save(d / f"{i}.png")
-    return root
-
-
-def install_plugin(directory: Path) -> dict[str, str]:
-    """Write and import the tiny-cnn plugin; return the env a subprocess needs for it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{PLUGIN_NAME}.py").write_text(PLUGIN_SRC)
-    if str(directory) not in sys.path:
-        sys.path.insert(0, str(directory))
-    importlib.import_module(PLUGIN_NAME).register()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [
-            str(directory),
-            str(Path(__file__).resolve().parents[1] / "src"),
-            env.get("PYTHONPATH", ""),
-        ]
-    )
-    env["ADAFILTER_PLUGINS"] = PLUGIN_NAME
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop(KILL_ENV, None)
-    return env
-
-
-def uninstall_plugin() -> None:
-    """Unregister tiny-cnn so other test modules see only the real backbones."""
-    from adafilter.backbones import BACKBONES
-
-    BACKBONES._items.pop("tiny-cnn", None)
-
-
-KILL_ENV = "ADAFILTER_TEST_KILL_AT"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    base = tmp_path_factory.mktemp("tiny")
-    env = install_plugin(base / "plugin")
-    data = make_imagefolder(base / "data")
-    yield {"env": env, "data": data}
-    uninstall_plugin()
-
-
-def train_args(data: Path, out: Path, method: str = "adafilter", *extra: str) -> list[str]:
-    return [
-        "train",
-        "--method",
-        method,
-        "--dataset",
-        "imagefolder",
-        "--data-root",
-        str(data),
-        "--backbone",
-        "tiny-cnn",
-        "--out",
-        str(out),
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--gate-backbone",
-        "tiny-cnn",
-        *extra,
-    ]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
+from helpers import make_imagefolder, read_jsonl, train_args
 
 # ---- schedule -------------------------------------------------------------------------------
 
@@ -300,8 +166,27 @@ def _run(args: list[str], env: dict[str, str], **kw: object) -> subprocess.Compl
 
 
 STABLE = ("epoch", "lr", "gate_lr", "train_loss", "train_acc", "test_loss", "test_acc")
+# `fit` with an on_step callback that SIGKILLs the process: a faithful `kill -9` mid-epoch.
+KILL_SCRIPT = """
+import os, signal, sys
+
+import adafilter_tiny_plugin  # noqa: F401  (registers tiny-cnn)
+from adafilter.cli import build_parser, train_config_from_args
+from adafilter.training.fit import fit
+
+at = tuple(int(v) for v in sys.argv[1].split(":"))
 
 
+def kill(epoch, step):
+    if (epoch, step) == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+fit(train_config_from_args(build_parser().parse_args(sys.argv[2:])), on_step=kill)
+"""
+
+
+@pytest.mark.slow
 def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tiny: dict, tmp_path: Path) -> None:
     env = tiny["env"]
     extra = ("--epochs", "3", "--milestones", "2", "--quiet")
@@ -309,9 +194,15 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tiny: dict, tmp_path:
     assert _run(train_args(tiny["data"], full, "adafilter", *extra), env).returncode == 0
 
     cut = tmp_path / "cut"
-    killed = _run(
-        train_args(tiny["data"], cut, "adafilter", *extra), {**env, KILL_ENV: "2:1"}
-    )  # SIGKILL after step 1 of epoch 2 (of 2)
+    script = tmp_path / "kill_at.py"
+    script.write_text(KILL_SCRIPT)
+    killed = subprocess.run(  # SIGKILL after step 1 of epoch 2 (of 2)
+        [sys.executable, str(script), "2:1", *train_args(tiny["data"], cut, "adafilter", *extra)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9
     assert load_checkpoint(cut / "checkpoint.pt")["epoch"] == 1
     assert json.loads((cut / "summary.json").read_text())["completed"] is False
@@ -479,3 +370,27 @@ def test_channels_last_runs(tiny: dict, tmp_path: Path, method: str) -> None:
     argv = train_args(tiny["data"], out, method, "--epochs", "1", "--channels-last", "--quiet")
     assert main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["config"]["channels_last"] is True
+
+
+def test_unreadable_eval_image_is_dropped_and_counted(
+    tiny: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unreadable evaluation image is left out (not replaced by another one, which would
+    then count twice) and reported: a warning, metrics, summary and `adafilter eval`."""
+    data = make_imagefolder(tmp_path / "data")
+    (data / "val" / "cat" / "0.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    with pytest.warns(UnreadableImageWarning) as record:
+        assert main(train_args(data, out, "finetune", "--epochs", "1", "--quiet")) == 0
+    said = [str(w.message) for w in record]
+    assert any("dropped from the evaluation" in m for m in said)
+    assert any("skipped 1 unreadable image(s)" in m for m in said)  # the epoch's count
+    row = read_jsonl(out / "metrics.jsonl")[0]
+    assert row["test_dropped"] == 1 and "val_dropped" not in row
+    s = json.loads((out / "summary.json").read_text())
+    assert s["eval_images_dropped"] == 1 and s["has_policies"] is False
+    capsys.readouterr()
+    with pytest.warns(UnreadableImageWarning):
+        assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--device", "cpu"]) == 0
+    res = json.loads(capsys.readouterr().out.strip())
+    assert res["images"] == 3 and res["dropped"] == 1 and res["test_acc"] == row["test_acc"]

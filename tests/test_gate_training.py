@@ -159,7 +159,15 @@ def _no_gradient_binarize(logits: torch.Tensor, ste: str = "identity") -> torch.
     return (logits >= 0).to(logits.dtype)  # the threshold without a straight-through gradient
 
 
-@pytest.mark.parametrize("cut", [None, "frozen", "no-gradient"])
+# The default settings run in the default tier; the two cut-gate controls are the slow tier.
+@pytest.mark.parametrize(
+    "cut",
+    [
+        None,
+        pytest.param("frozen", marks=pytest.mark.slow),
+        pytest.param("no-gradient", marks=pytest.mark.slow),
+    ],
+)
 def test_known_policy_is_recovered_at_default_settings(
     cut: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

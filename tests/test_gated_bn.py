@@ -10,21 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adafilter.layers.gated_bn import gated_batch_norm
-
-
-def _bns(c: int, seed: int = 0) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
-    gen = torch.Generator().manual_seed(seed)
-    bn = nn.BatchNorm2d(c)
-    with torch.no_grad():
-        bn.weight.copy_(1 + 0.3 * torch.randn(c, generator=gen))
-        bn.bias.copy_(0.2 * torch.randn(c, generator=gen))
-        bn.running_mean.copy_(0.5 * torch.randn(c, generator=gen))
-        bn.running_var.copy_(1 + torch.rand(c, generator=gen))
-    bn_s = copy.deepcopy(bn)
-    with torch.no_grad():
-        bn_s.weight.mul_(0.7)
-        bn_s.running_mean.add_(0.3)
-    return bn, bn_s
+from helpers import random_bns
 
 
 def _reference(xf, xs, g, bn_f, bn_s, training, min_examples, min_values):
@@ -79,7 +65,7 @@ def test_masked_statistics_match_reference(case, training):
     xf = torch.randn(b, c, h, w, generator=gen) * 2 + 1
     xs = torch.randn(b, c, h, w, generator=gen) * 0.5 - 1
     g = _policy(b, c, kind, seed=2)
-    bn_f, bn_s = _bns(c)
+    bn_f, bn_s = random_bns(c)
     ref_f, ref_s = copy.deepcopy(bn_f), copy.deepcopy(bn_s)
     bn_f.train(training), bn_s.train(training)
     y = gated_batch_norm(
@@ -92,7 +78,7 @@ def test_masked_statistics_match_reference(case, training):
         torch.testing.assert_close(mine.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mine.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
     if kind == "channel_unused" and training:
-        before_f, before_s = _bns(c)
+        before_f, before_s = random_bns(c)
         assert torch.equal(bn_s.running_mean[0], before_s.running_mean[0])
         assert torch.equal(bn_f.running_var[1], before_f.running_var[1])
         assert not torch.equal(bn_f.running_mean[0], before_f.running_mean[0])
@@ -113,7 +99,7 @@ def test_gradients_match_autograd_reference(case, policy):
     if policy != "mixed":
         g.fill_(1.0 if policy == "all_f" else 0.0)
     dy = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
-    bn_f, bn_s = (m.double() for m in _bns(c))
+    bn_f, bn_s = (m.double() for m in random_bns(c))
     ref_f, ref_s = copy.deepcopy(bn_f), copy.deepcopy(bn_s)
     y = gated_batch_norm(
         xf, xs, g, bn_f, bn_s, training=True, min_examples=min_ex, min_values=min_val
@@ -139,7 +125,7 @@ def test_policy_gradient_is_difference_of_branch_outputs():
     g[0], g[1] = 1.0, 0.0  # every channel has examples in both branches
     g.requires_grad_()
     dy = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
-    bn_f, bn_s = (m.double() for m in _bns(c))
+    bn_f, bn_s = (m.double() for m in random_bns(c))
     ref_f, ref_s = copy.deepcopy(bn_f), copy.deepcopy(bn_s)
     y = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=True, min_examples=1, min_values=1)
     (dg,) = torch.autograd.grad(y, g, dy)
@@ -164,16 +150,18 @@ def test_single_example_branch_at_2x2_stays_bounded():
     xs[0] = 1e-4 * torch.randn(c, 2, 2) + 3.0  # the lone S example: almost constant values
     g = torch.ones(b, c)
     g[0] = 0.0
-    bn_f, bn_s = _bns(c)
+    bn_f, bn_s = random_bns(c)
     y = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=True)
     assert y.abs().max() < 50
     # without the fallback (min 1 example / 1 value) the lone example's gradient explodes
     dy = torch.ones_like(xs)
     xs_bad = xs.clone().requires_grad_()
-    y2 = gated_batch_norm(xf, xs_bad, g, *_bns(c), training=True, min_examples=1, min_values=1)
+    y2 = gated_batch_norm(
+        xf, xs_bad, g, *random_bns(c), training=True, min_examples=1, min_values=1
+    )
     (grad_bad,) = torch.autograd.grad((y2 * dy * torch.arange(4.0).view(1, 1, 2, 2)).sum(), xs_bad)
     xs_ok = xs.clone().requires_grad_()
-    y3 = gated_batch_norm(xf, xs_ok, g, *_bns(c), training=True)
+    y3 = gated_batch_norm(xf, xs_ok, g, *random_bns(c), training=True)
     (grad_ok,) = torch.autograd.grad((y3 * dy * torch.arange(4.0).view(1, 1, 2, 2)).sum(), xs_ok)
     assert grad_bad.abs().max() > 1e2 * grad_ok.abs().max()
 

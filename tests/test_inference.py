@@ -1,6 +1,6 @@
 """Using a trained run: ``adafilter.load``, ``adafilter predict``, ``adafilter export``.
 
-Runs are the tiny ones of ``test_engine`` (``tiny-cnn`` on a generated 16 px ImageFolder,
+Runs are the tiny ones of ``conftest.tiny`` (``tiny-cnn`` on a generated 16 px ImageFolder,
 one epoch). A "mixed" copy of the AdaFilter checkpoint gets random gate-head biases, so its
 policies take some filters from F and some from S and the selection itself is exercised.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,14 @@ from adafilter.checkpoint import save_checkpoint
 from adafilter.cli import main
 from adafilter.errors import CheckpointError
 from adafilter.layers.gated_conv import GatedConv2dBN
-from test_cli import one_line_error
-from test_engine import install_plugin, make_imagefolder, train_args, uninstall_plugin
+from helpers import one_line_error, train_args
 
 CLASSES = ["cat", "dog"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    base = tmp_path_factory.mktemp("inference")
-    install_plugin(base / "plugin")
-    data = make_imagefolder(base / "data")
+def runs(tiny: dict) -> dict[str, Path]:
+    base, data = tiny["base"], tiny["data"]
     paths = {"data": data}
     for method in ("adafilter", "finetune"):
         paths[method] = base / method
@@ -44,8 +40,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     (base / "mixed").mkdir()
     paths["mixed"] = base / "mixed" / "checkpoint.pt"
     save_checkpoint(paths["mixed"], {k: v for k, v in ckpt.items() if k not in ("format",)})
-    yield paths
-    uninstall_plugin()
+    return paths
 
 
 def val_images(data: Path) -> list[tuple[Path, int]]:

@@ -12,12 +12,11 @@ import pytest
 import torch
 import torchvision
 
-from adafilter import backbones
-from adafilter.backbones import BACKBONES, build_backbone, pretrained_weights_path
+from adafilter.backbones import BACKBONES, build_backbone, library, pretrained_weights_path
 from adafilter.cli import main
 from adafilter.errors import AdaFilterError
-from test_cli import one_line_error
-from test_engine import make_imagefolder, read_jsonl, train_args
+from adafilter.utils import download
+from helpers import make_imagefolder, one_line_error, read_jsonl, train_args
 
 
 def library_model(backbone: str) -> torch.nn.Module:
@@ -119,9 +118,9 @@ def test_pretrained_offline_fails_fast_with_one_line(
     def no_network(host: str, port: int, timeout: float) -> None:
         raise socket.gaierror(-2, "Name or service not known")
 
-    monkeypatch.setattr(backbones, "_probe_host", no_network)
-    monkeypatch.setattr(backbones, "_timm_cached", lambda cfg: None)  # nothing cached
-    monkeypatch.setattr(backbones, "_tv_cache_path", lambda w: tmp_path / "not-cached.pth")
+    monkeypatch.setattr(download, "probe_host", no_network)
+    monkeypatch.setattr(library, "_timm_cached", lambda cfg: None)  # nothing cached
+    monkeypatch.setattr(library, "_tv_cache_path", lambda w: tmp_path / "not-cached.pth")
     assert pretrained_weights_path(backbone) is None
     start = time.perf_counter()
     argv = library_train_args(data, tmp_path / "o", backbone, "--weights", "pretrained")

@@ -12,6 +12,7 @@ from torch import nn
 
 from adafilter import AdaFilterConfig, AdaFilterModel, GatedConv2dBN, binarize, wrap
 from adafilter.layers.gate import RecurrentGate
+from helpers import perturb_bn
 
 
 class DepthwiseNet(nn.Module):
@@ -45,20 +46,6 @@ class DepthwiseNet(nn.Module):
         return self.fc(self.head(x).mean((2, 3)))
 
 
-def _perturb_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics/affine, as a pretrained network has."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                c = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
-                m.weight.copy_(0.5 + 0.5 * torch.rand(c, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(c, generator=gen))
-    return model
-
-
 BUILDERS: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 20),
     "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), 53),
@@ -68,7 +55,7 @@ BUILDERS: dict[str, tuple[Callable[[], nn.Module], int]] = {
 
 def _build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _perturb_bn(BUILDERS[name][0](), seed)
+    return perturb_bn(BUILDERS[name][0](), seed)
 
 
 @pytest.mark.parametrize("gated_bn", [True, False])
@@ -395,7 +382,7 @@ def test_resnet50_parameter_ratio(capsys):
     assert 1.9 < ratio < 2.6
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_three_sgd_steps_stay_finite_and_on_scale(name):
     """Issue's stability check: perturbed BN stats, lr 0.01, momentum 0.9, batch 8, 64 px."""
     base = _build(name, seed=1)

@@ -66,6 +66,7 @@ def _write_run(
     epochs: int = 5,
     completed: bool = True,
     policy: bool = False,
+    has_policies: bool | None = None,
 ) -> Path:
     run = root / dataset / f"{method}-{backbone}-s{seed}"
     run.mkdir(parents=True)
@@ -84,6 +85,7 @@ def _write_run(
         "images_per_second": 250.0,
         "config": {"lr": 0.01},
         "completed": completed,
+        "has_policies": policy if has_policies is None else has_policies,
     }
     (run / "summary.json").write_text(json.dumps(summary))
     n_layers = len(_policy(dataset, seed)["overall"])
@@ -133,7 +135,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         for seed, final in enumerate(finals):
             # adafilter aircraft seed 2 lacks policy.json
             gated = method == "adafilter" and not (dataset == "aircraft" and seed == 2)
-            _write_run(runs, method, dataset, seed, final, policy=gated)
+            _write_run(
+                runs, method, dataset, seed, final, policy=gated, has_policies=method == "adafilter"
+            )
     _write_run(runs, "cnn-gate", "dogs", 0, 60.25, completed=False, policy=True)
     _write_run(runs, "zeta-custom", "dogs", 0, 50.0)
     _write_run(runs, "beta-custom", "dogs", 0, 55.556)
@@ -331,3 +335,18 @@ def test_html_renders_in_chromium(report: dict[str, Any], tmp_path: Path) -> Non
     # The embedded figures render: many distinct colours (text alone is near-greyscale).
     counts = _colour_counts(img)
     assert len([k for k, c in counts.items() if c >= 20]) >= 20
+
+
+def test_runs_with_policies_come_from_the_summary(tmp_path: Path) -> None:
+    """``has_policies`` in summary.json, else (older runs) a policy mode in the method info;
+    never a list of method names."""
+    new = _write_run(tmp_path, "my-gated", "dogs", 0, 50.0, has_policies=True)
+    plain = _write_run(tmp_path, "adafilter", "dogs", 1, 50.0, has_policies=False)
+    old = _write_run(tmp_path, "custom", "dogs", 2, 50.0)
+    summary = json.loads((old / "summary.json").read_text())
+    del summary["has_policies"]
+    summary["method_info"] = {"policy_mode": "learned"}
+    (old / "summary.json").write_text(json.dumps(summary))
+    assert load_run(new).has_policies and "no policy.json" in "; ".join(load_run(new).notes)
+    assert not load_run(plain).has_policies and not load_run(plain).notes
+    assert load_run(old).has_policies and "no policy.json" in "; ".join(load_run(old).notes)

@@ -1,8 +1,7 @@
-"""Atomic result files and safe (``weights_only``) training checkpoints.
+"""Safe (``weights_only``) training checkpoints, written with the one atomic writer.
 
-Every file a run writes goes through :func:`atomic_write_bytes`: the data is written to a
-temporary file in the same directory, fsynced, then ``os.replace``-d over the target, so a
-``kill -9`` at any moment leaves either the old file or the new one, never a torn one.
+Every file a run writes goes through :func:`adafilter.utils.io.atomic_write_bytes` (re-exported
+here), so a ``kill -9`` at any moment leaves either the old file or the new one.
 
 Checkpoints hold only tensors, dicts, lists, numbers, strings, bools and ``None`` so that
 ``torch.load(..., weights_only=True)`` can read them: loading never runs pickled code.
@@ -11,10 +10,8 @@ Checkpoints hold only tensors, dicts, lists, numbers, strings, bools and ``None`
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,60 +19,26 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .utils.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_jsonl",
+    "atomic_write_text",
+    "check_checkpoint",
+    "get_rng_state",
+    "load_checkpoint",
+    "read_weights_only",
+    "save_checkpoint",
+    "scheduler_state",
+    "set_rng_state",
+]
 
 CHECKPOINT_FORMAT = "adafilter-checkpoint"
 CHECKPOINT_VERSION = 1
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + ``os.replace``).
-
-    Args:
-        path: Destination file; its directory must exist.
-        data: The complete file content.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_oserror():
-            os.unlink(tmp)
-        raise
-    # fsync the directory so the rename itself survives a power loss (best effort).
-    with _suppress_oserror():
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_write_jsonl(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` as JSON lines to ``path`` atomically (the whole file is rewritten)."""
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---- RNG state ------------------------------------------------------------------------------

@@ -122,8 +122,9 @@ def rebuild_model(payload: dict[str, Any], path: str | os.PathLike[str]) -> Rebu
     Raises:
         CheckpointError: Missing/invalid fields, or weights of another model.
     """
-    from .engine import _load_model_state, build_model
     from .train_config import TrainConfig
+    from .training.build import build_model
+    from .training.run_dir import load_model_state
 
     path = Path(path)
     try:
@@ -142,7 +143,7 @@ def rebuild_model(payload: dict[str, Any], path: str | os.PathLike[str]) -> Rebu
         prepared, info = build_model(config, num_classes=num_classes, pretrained=False)
     finally:
         set_rng_state(rng)
-    _load_model_state(prepared.model, state, path)
+    load_model_state(prepared.model, state, path)
     prepared.method.on_evaluate(prepared, seed=config.seed, rank=0)
     return RebuiltModel(
         prepared=prepared,
@@ -328,7 +329,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     """
     from .data.transforms import build_transforms
     from .distributed import DistEnv
-    from .engine import resolve_device
+    from .training.build import resolve_device
 
     path = _resolve_run_path(path)
     kind, payload, meta = _read_model_file(path)

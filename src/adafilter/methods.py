@@ -23,12 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .model import conv_execution_order
 from .registry import Registry
+from .training.policy_stats import PolicyStats
+from .utils.seeding import derive_seed
 
 logger = logging.getLogger("adafilter")
 
@@ -46,13 +47,6 @@ __all__ = [
     "freeze_first_half",
     "trainable_per_example",
 ]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed derived from ``parts`` (e.g. ``(seed, epoch, rank)``), stable across runs."""
-    ints = [p if isinstance(p, int) else int.from_bytes(p.encode(), "little") for p in parts]
-    state = np.random.SeedSequence([abs(int(v)) for v in ints]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 @dataclass
@@ -101,6 +95,17 @@ class Method:
     @property
     def graph_capturable(self) -> bool:
         return True
+
+    @property
+    def uses_gate_backbone(self) -> bool:
+        """The model needs ``TrainConfig.gate_backbone`` (a CNN gate)."""
+        return False
+
+    def policy_stats(
+        self, prepared: Prepared, *, num_classes: int, device: torch.device
+    ) -> PolicyStats | None:
+        """An accumulator of the evaluation's policies, or ``None`` (no policies)."""
+        return None
 
     def build(
         self,
@@ -351,6 +356,24 @@ class AdaFilterMethod(Method):
     def graph_capturable(self) -> bool:
         return self.policy != "random"  # random policies are drawn on the host per layer
 
+    @property
+    def uses_gate_backbone(self) -> bool:
+        return self.overrides.get("gate") == "cnn"
+
+    def policy_stats(
+        self, prepared: Prepared, *, num_classes: int, device: torch.device
+    ) -> PolicyStats | None:
+        model = prepared.model
+        if not model.gated_layer_names:
+            return None
+        return PolicyStats(
+            model.gated_layer_names,
+            model.layer_out_channels,
+            lambda: model.policies,
+            num_classes=num_classes,
+            device=device,
+        )
+
     def build(
         self,
         network: nn.Module,
@@ -363,7 +386,8 @@ class AdaFilterMethod(Method):
         from . import AdaFilterConfig, wrap
 
         values = {**dict(options.get("adafilter") or {}), **self.overrides}
-        values.setdefault("random_p", options.get("random_p", 0.5))
+        if "random_p" in options:  # else AdaFilterConfig's default
+            values.setdefault("random_p", options["random_p"])
         if "gate_backbone" in options:
             values["cnn_gate_backbone"] = options["gate_backbone"]
         try:

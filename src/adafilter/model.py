@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .config import POLICY_MODES, AdaFilterConfig
 from .layers.gate import CNNGate, RecurrentGate, binarize
 from .layers.gated_conv import GatedConv2dBN, policy_source
+from .utils.modules import set_submodule
 
 logger = logging.getLogger("adafilter")
 
@@ -458,13 +459,6 @@ def find_conv_bn_pairs(model: nn.Module, example_input: Tensor) -> list[tuple[st
     return plan_gating(model, example_input).pairs
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where ``root``'s submodule ``name`` (dotted path) is."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def _matches(name: str, patterns: Sequence[str] | None) -> bool:
     return patterns is not None and any(re.fullmatch(p, name) for p in patterns)
 
@@ -570,8 +564,8 @@ class AdaFilterModel(nn.Module):
                 fast_eval=config.fast_eval,
                 fixed_stats=fixed_stats,
             )
-            _replace_module(model, conv_name, layer)
-            _replace_module(model, bn_name, slot)  # the BN now lives in `layer`
+            set_submodule(model, conv_name, layer)
+            set_submodule(model, bn_name, slot)  # the BN now lives in `layer`
             self.gated_layer_names.append(conv_name)
             in_ch.append(conv.in_channels)
         self._gating_summary = summary or GatingSummary(type(model).__name__, tuple(found))

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .config import AdaFilterConfig
 from .errors import AdaFilterError
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -98,7 +99,8 @@ class TrainConfig:
             ``gate_lr``) for the gate's parameters; the network always trains with SGD. With SGD
             the gate's steps follow the policy gradient's magnitude, which is tiny (see the
             README's gate diagnosis); Adam's do not.
-        download: Let the dataset builder download missing data.
+        download: Fetch missing data and pretrained weights from their public sources into
+            the cache directory (``$ADAFILTER_HOME``, default ``~/.cache/adafilter``).
         quiet: Print nothing but warnings and errors.
         resume: Continue from ``<out>/checkpoint.pt`` if it exists.
     """
@@ -130,7 +132,7 @@ class TrainConfig:
     gate_weights: str | None = None
     l2sp_alpha: float = 0.01
     l2sp_beta: float = 0.01
-    random_p: float = 0.5
+    random_p: float = AdaFilterConfig.random_p  # defined once, in AdaFilterConfig
     adafilter: dict[str, Any] = field(default_factory=dict)
     precise_bn: int = 16
     bn_momentum: float | None = None

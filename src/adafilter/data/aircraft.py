@@ -13,9 +13,9 @@ from pathlib import Path
 from torchvision.datasets import FGVCAircraft
 
 from ..errors import DataError
+from ..utils.download import Resource
 from .base import FileSource, ImageList, check_files_exist
 from .decathlon import decathlon_root, load_task
-from .download import Resource
 from .registry import DatasetSpec, register
 
 OFFICIAL = "fgvc-aircraft-2013b"

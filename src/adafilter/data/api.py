@@ -125,7 +125,7 @@ def build_datasets(
     )
     return (
         SafeImageDataset(train, f"{name}/train", strict=strict_images),
-        SafeImageDataset(evals, f"{name}/eval", strict=strict_images),
+        SafeImageDataset(evals, f"{name}/eval", strict=strict_images, drop=True),
         info,
     )
 
@@ -185,14 +185,18 @@ def with_transform(
     *,
     indices: Sequence[int] | None = None,
     name: str | None = None,
+    drop: bool | None = None,
 ) -> SafeImageDataset:
     """A copy of ``ds`` (optionally only ``indices``) that applies ``transform``.
 
     The copy has its own sample list, so setting its transform never changes ``ds``.
+    ``drop`` (default: as ``ds``) drops unreadable images instead of replacing them.
     """
     base = ds.base.subset(range(len(ds.base)) if indices is None else indices)
     base.transform = transform
-    return SafeImageDataset(base, name or ds.name, strict=ds.strict)
+    return SafeImageDataset(
+        base, name or ds.name, strict=ds.strict, drop=ds.drop if drop is None else drop
+    )
 
 
 def carve_validation(
@@ -226,5 +230,7 @@ def carve_validation(
     rest = [i for i in range(len(train.targets)) if i not in held]
     return (
         with_transform(train, train.transform, indices=rest),
-        with_transform(train, eval_transform, indices=sorted(val), name=f"{train.name}:val"),
+        with_transform(
+            train, eval_transform, indices=sorted(val), name=f"{train.name}:val", drop=True
+        ),
     )

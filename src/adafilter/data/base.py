@@ -206,12 +206,35 @@ def balanced_subset(targets: Sequence[int], per_class: int, seed: int) -> list[i
     return sorted(keep)
 
 
+#: Label of an unreadable evaluation image in ``drop`` mode (its image is ``None``).
+DROPPED_LABEL = -1
+
+
+def collate_dropping(batch: Sequence[tuple[Any, int]]) -> tuple[Any, Any]:
+    """``default_collate`` that keeps dropped samples as zero images labelled ``DROPPED_LABEL``.
+
+    The batch keeps its size (samplers and shards stay aligned); the evaluation masks these
+    rows out and counts them.
+    """
+    import torch
+    from torch.utils.data import default_collate
+
+    real = next((img for img, _ in batch if img is not None), None)
+    if real is None:  # every image of the batch unreadable
+        return torch.zeros(len(batch), 0), torch.full((len(batch),), DROPPED_LABEL)
+    filled = [(real.new_zeros(real.shape) if img is None else img, y) for img, y in batch]
+    return default_collate(filled)
+
+
 class SafeImageDataset(Dataset):
     """Wraps an :class:`ImageList` so an unreadable image never crashes an epoch.
 
-    When ``base[i]`` cannot be decoded, the next readable sample in index order
-    (``i+1, i+2, ...``, wrapping around) is returned instead, with its own label, so a batch
-    stays consistent and the substitution is deterministic. Known-bad indices are remembered
+    When ``base[i]`` cannot be decoded, training (the default, ``drop=False``) gets the next
+    readable sample in index order (``i+1, i+2, ...``, wrapping around) instead, with its own
+    label, so a batch stays consistent and the substitution is deterministic. An evaluation
+    split (``drop=True``) returns ``(None, DROPPED_LABEL)`` instead, so the image is left out
+    of the evaluation rather than counting another one twice (batch with
+    :func:`collate_dropping`). Known-bad indices are remembered
     per process and skipped directly afterwards. The first skip in each process emits one
     :class:`UnreadableImageWarning`; :attr:`num_skipped` counts skips across DataLoader worker
     processes and :meth:`report_skipped` emits one counting warning (e.g. at epoch end).
@@ -221,12 +244,16 @@ class SafeImageDataset(Dataset):
         base: The split to wrap.
         name: Dataset/split name used in messages, e.g. ``"stanford-dogs/train"``.
         strict: Raise instead of skipping.
+        drop: Drop unreadable images (evaluation) instead of replacing them (training).
     """
 
-    def __init__(self, base: ImageList, name: str, *, strict: bool = False) -> None:
+    def __init__(
+        self, base: ImageList, name: str, *, strict: bool = False, drop: bool = False
+    ) -> None:
         self.base = base
         self.name = name
         self.strict = strict
+        self.drop = drop
         self._bad: set[int] = set()
         self._warned_pid = -1
         self._reported = 0
@@ -269,6 +296,8 @@ class SafeImageDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        if self.drop:
+            return self._get_or_drop(index)
         n = len(self.base)
         for step in range(n):
             i = (index + step) % n
@@ -279,6 +308,14 @@ class SafeImageDataset(Dataset):
             except UnreadableImageError as exc:
                 self._skip(i, exc)
         raise DataError(f"{self.name}: no readable image left; run `adafilter data check` on it")
+
+    def _get_or_drop(self, index: int) -> tuple[Any, int]:
+        if index not in self._bad:
+            try:
+                return self.base[index]
+            except UnreadableImageError as exc:
+                self._skip(index, exc)
+        return None, DROPPED_LABEL
 
     def _skip(self, index: int, exc: UnreadableImageError) -> None:
         if self.strict:
@@ -291,10 +328,14 @@ class SafeImageDataset(Dataset):
             self._counter.value += 1
         if self._warned_pid != os.getpid():
             self._warned_pid = os.getpid()
+            what = (
+                "it is dropped from the evaluation"
+                if self.drop
+                else "it is replaced by the next readable sample"
+            )
             warnings.warn(
-                f"{self.name}: skipping unreadable image {exc}; it is replaced by the next "
-                "readable sample and further skips are only counted (run `adafilter data check` "
-                "to list them all)",
+                f"{self.name}: skipping unreadable image {exc}; {what} and further skips are "
+                "only counted (run `adafilter data check` to list them all)",
                 UnreadableImageWarning,
                 stacklevel=3,
             )

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..utils.download import Resource
 from .base import FileSource, ImageList, require_dir
-from .download import Resource
 from .registry import DatasetSpec, register
 
 EVAL_PER_CLASS = 20

@@ -16,8 +16,8 @@ import numpy as np
 from torchvision.datasets import FashionMNIST
 
 from ..errors import DataError
+from ..utils.download import Resource
 from .base import ArraySource, ImageList
-from .download import Resource
 from .registry import DatasetSpec, register
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..utils.download import Resource
 from .base import FileSource, ImageList, check_files_exist, require_dir, require_file
-from .download import Resource
 from .registry import DatasetSpec, register
 
 # No published checksums; the tar is format-checked on extraction and the lists when parsed.

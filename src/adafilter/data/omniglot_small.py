@@ -13,13 +13,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import DataError
+from ..utils.download import Resource, cache_dir
 from .base import FileSource, ImageList, ImageSource, ZipSource
-from .download import Resource
 from .registry import DatasetSpec, register
 
 TRAIN_PER_CHARACTER = 15
 ZIP_NAME = "images_background_small1.zip"
-# SHA-256 of the copy in the project's shared/data/omniglot folder, taken to be the GitHub file
+# SHA-256 of the project's copy of the file, taken to be the GitHub file
 # (not re-checked against GitHub from here: no internet access when this was written).
 RESOURCES = (
     Resource(
@@ -34,15 +34,9 @@ _FIX = (
 )
 
 
-def default_root() -> Path | None:
-    """``../shared/data/omniglot`` relative to the current dir or the repository root."""
-    repo = Path(__file__).resolve().parents[3]
-    for base in (Path.cwd(), repo):
-        for rel in ("../shared/data/omniglot", "shared/data/omniglot"):
-            cand = (base / rel).resolve()
-            if cand.exists():
-                return cand
-    return None
+def default_root() -> Path:
+    """``$ADAFILTER_HOME/data/omniglot-small`` (filled by ``--download``)."""
+    return cache_dir("data", "omniglot-small")
 
 
 def _locate(root: Path) -> tuple[ImageSource, Path | None, list[str]]:

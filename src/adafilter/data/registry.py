@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..registry import Registry
+from ..utils.download import Resource, fetch_resources
 from .base import ImageList
-from .download import Resource, fetch_resources
 
 Loader = Callable[[Path, int], tuple[ImageList, ImageList]]
 

@@ -13,8 +13,8 @@ import numpy as np
 import scipy.io
 
 from ..errors import DataError
+from ..utils.download import Resource
 from .base import FileSource, ImageList, check_files_exist, require_dir, require_file
-from .download import Resource
 from .registry import DatasetSpec, register
 
 _BASE = "http://vision.stanford.edu/aditya86/ImageNetDogs"

@@ -1,13 +1,24 @@
-"""The run's optimizer: SGD for the network, SGD or Adam for the gate, seen as one optimizer."""
+"""The run's optimizer: SGD for the network, SGD or Adam for the gate, seen as one optimizer;
+its parameter groups (the method decides) and the step schedule."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["HybridOptimizer", "build_optimizer"]
+if TYPE_CHECKING:
+    from ..methods import Prepared
+
+__all__ = [
+    "HybridOptimizer",
+    "build_optimizer",
+    "build_param_groups",
+    "build_scheduler",
+    "group_lr",
+]
 
 
 class HybridOptimizer(Optimizer):
@@ -76,3 +87,49 @@ def build_optimizer(
         return adam
     sgd = torch.optim.SGD(rest, lr=rest[0]["lr"], momentum=momentum)
     return HybridOptimizer([sgd, adam])
+
+
+def build_param_groups(
+    prepared: Prepared, *, lr: float, gate_lr: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups for ``prepared`` (the method decides), sizes logged.
+
+    Args:
+        prepared: A built model.
+        lr: Network learning rate.
+        gate_lr: Gate learning rate (methods with a trained gate).
+        weight_decay: Weight decay where the method applies one.
+
+    Returns:
+        ``[{"name", "params", "lr", "weight_decay"}, ...]``, empty groups dropped.
+    """
+    from ..model import log_param_groups
+
+    groups = prepared.method.param_groups(
+        prepared, lr=lr, gate_lr=gate_lr, weight_decay=weight_decay
+    )
+    groups = [g for g in groups if g["params"]]
+    if not prepared.method.logs_param_groups:
+        log_param_groups(groups)
+    return groups
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, milestones: Iterable[int], gamma: float = 0.1
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    """Multiply every group's lr by ``gamma`` after each milestone epoch.
+
+    Stepped once per epoch, so with milestones 30, 60, 90 epochs 1-30 run at the initial lr,
+    31-60 at 0.1x, 61-90 at 0.01x and 91+ at 0.001x -- every decay, for every group.
+    """
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=sorted(int(m) for m in milestones), gamma=gamma
+    )
+
+
+def group_lr(optimizer: torch.optim.Optimizer, name: str) -> float | None:
+    """Current lr of the group called ``name`` (``None`` if there is none)."""
+    for g in optimizer.param_groups:
+        if g.get("name") == name:
+            return float(g["lr"])
+    return None

@@ -1,8 +1,8 @@
 """CIFAR-10 ResNet-20/32/44/56 (He et al. 2016, Sec. 4.2).
 
-Module and parameter names follow the widely used reference implementation whose checkpoints
-live in ``../shared/weights/cifar10-resnet`` (``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
-``linear``), so those files load with ``strict=True`` once their ``module.`` prefix is removed.
+Module and parameter names follow the widely used reference implementation
+(github.com/akamaster/pytorch_resnet_cifar10; ``conv1``, ``bn1``, ``layer1.0.conv1``, ...,
+``linear``), so its checkpoints load with ``strict=True`` once their ``module.`` prefix is removed.
 """
 
 from __future__ import annotations

@@ -1,0 +1,108 @@
+"""What every subcommand shares: one-line errors, the registry, logging, default help text."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
+from typing import NoReturn
+
+from ..errors import AdaFilterError
+
+__all__ = [
+    "SUBCOMMANDS",
+    "Parser",
+    "Subcommand",
+    "default_of",
+    "fail",
+    "int_list",
+    "print_error",
+    "setup_logging",
+    "subcommand",
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``adafilter: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see `{self.prog} --help`)")
+
+
+def print_error(message: str) -> None:
+    one_line = " ".join(str(message).split())
+    print(f"adafilter: error: {one_line}", file=sys.stderr, flush=True)
+
+
+def fail(message: str) -> NoReturn:
+    print_error(message)
+    raise SystemExit(2)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A registered subcommand: help text, argument setup and handler."""
+
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None] | None = None
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register the decorated ``run(args) -> exit code`` as ``adafilter NAME``."""
+
+    def deco(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        SUBCOMMANDS[name] = Subcommand(help=help, configure=configure or (lambda p: None), run=run)
+        return run
+
+    return deco
+
+
+def default_of(cls: type, name: str) -> str:
+    """The default of dataclass field ``cls.name`` as help text shows it (``30,60,90``)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    value = f.default_factory() if f.default_factory is not MISSING else f.default
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def int_list(text: str) -> list[int]:
+    from ..train_config import parse_int_list
+
+    try:
+        return parse_int_list(text, "--milestones")
+    except AdaFilterError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def setup_logging(*, quiet: bool) -> None:
+    """Log lines (``adafilter`` logger) to stderr; only warnings and errors when quiet.
+
+    Under torchrun only rank 0 logs at INFO level.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    logger = logging.getLogger("adafilter")
+    logger.setLevel(logging.WARNING if quiet or rank != 0 else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.propagate = False
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at emit time (survives stream redirection)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+            sys.stderr.flush()
+        except Exception:  # never let logging break a run
+            self.handleError(record)

@@ -1,0 +1,1 @@
+"""Small shared tools: the one atomic writer, downloader, seeding helper and ``set_submodule``."""

@@ -1,0 +1,93 @@
+"""Shared fixtures. Helpers (argv builders, tiny backbone plugin, BN makers) are in ``helpers.py``.
+
+Tiers: ``make test`` (CI) runs the default tier; tests marked ``slow`` (subprocess benchmarks,
+the ResNet-50 demo, kill -9 + resume, torchrun, the largest backbone builds) and ``zoo_slow``
+are deselected there and run by ``make test-all``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    SHARED_CIFAR_WEIGHTS,
+    SHARED_OMNIGLOT,
+    Handler,
+    ServerState,
+    install_plugin,
+    make_imagefolder,
+    uninstall_plugin,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """The ``tiny-cnn`` plugin registered for this module, and a generated ImageFolder.
+
+    ``{"env": subprocess environment that loads the plugin, "data": the ImageFolder root}``.
+    """
+    base = tmp_path_factory.mktemp("tiny")
+    env = install_plugin(base / "plugin")
+    data = make_imagefolder(base / "data")
+    yield {"env": env, "data": data, "base": base}
+    uninstall_plugin()
+
+
+@pytest.fixture(scope="session")
+def shared_omniglot() -> Path:
+    """``../shared/data/omniglot`` (skips when the project's shared folder is absent)."""
+    if not SHARED_OMNIGLOT.is_dir():
+        pytest.skip(f"shared omniglot data not available ({SHARED_OMNIGLOT})")
+    return SHARED_OMNIGLOT
+
+
+@pytest.fixture(scope="session")
+def shared_cifar_weights() -> Path:
+    """``../shared/weights/cifar10-resnet`` (skips when the project's shared folder is absent)."""
+    if not SHARED_CIFAR_WEIGHTS.is_dir():
+        pytest.skip(f"shared CIFAR ResNet weights not available ({SHARED_CIFAR_WEIGHTS})")
+    return SHARED_CIFAR_WEIGHTS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_adafilter_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test sees an empty cache directory, never the user's ``~/.cache/adafilter``."""
+    home = tmp_path_factory.mktemp("adafilter-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAFILTER_HOME", str(home))
+        mp.delenv("ADAFILTER_DOWNLOAD_BASE", raising=False)
+        yield home
+
+
+@pytest.fixture()
+def shared_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An ``$ADAFILTER_HOME`` whose cache links to ``../shared`` (skips when it is absent)."""
+    if not (SHARED_CIFAR_WEIGHTS.is_dir() and SHARED_OMNIGLOT.is_dir()):
+        pytest.skip("the project's ../shared data and weights are not available")
+    home = tmp_path / "home"
+    (home / "weights").mkdir(parents=True)
+    (home / "data").mkdir()
+    os.symlink(SHARED_CIFAR_WEIGHTS, home / "weights" / "cifar10-resnet")
+    os.symlink(SHARED_OMNIGLOT, home / "data" / "omniglot-small")
+    monkeypatch.setenv("ADAFILTER_HOME", str(home))
+    return home
+
+
+@pytest.fixture()
+def server() -> Iterator[tuple[str, ServerState]]:
+    state = ServerState()
+    handler = type("H", (Handler,), {"state": state})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
