@@ -155,6 +155,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="replay each training step as a CUDA graph (one GPU; default off)",
     )
     p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=s,
+        help="train through torch.compile (default off; --compile-backend, default inductor)",
+    )
+    p.add_argument("--compile-backend", default=s, help="torch.compile backend (default inductor)")
+    p.add_argument(
         "--subset-per-class",
         type=int,
         default=s,

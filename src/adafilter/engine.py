@@ -441,6 +441,27 @@ def _graphed_forward(
     return GraphedForward(module)
 
 
+def _compiled_model(
+    config: TrainConfig, model: nn.Module, graphed: GraphedForward | None
+) -> nn.Module:
+    """``torch.compile(model)`` for ``--compile`` (the training forward and backward).
+
+    AdaFilter models take their capturable path while traced, so they compile without graph
+    breaks; a method whose policies come from a host generator (``random-policy``) still
+    compiles, breaking the graph at each draw.
+    """
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if config.compile_backend not in known:
+        raise AdaFilterError(
+            f"unknown --compile-backend {config.compile_backend!r}; use one of {', '.join(known)}"
+        )
+    if graphed is not None:
+        logger.warning("--cuda-graphs ignored with --compile")
+    return torch.compile(model, backend=config.compile_backend)
+
+
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off":
         return None
@@ -880,6 +901,8 @@ def _fit(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=method.find_unused_parameters,
         )
+    if config.compile:  # --compile (issue 14)
+        model, graphed = _compiled_model(config, model, graphed), None
     per_rank_batch = max(1, config.batch_size // env.world_size)
     if config.batch_size % env.world_size:
         logger.warning(
