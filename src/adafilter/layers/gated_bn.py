@@ -28,7 +28,10 @@ enter a branch's statistics is a discrete choice and carries no gradient.
 Everything is computed from per-(example, channel) reductions and fused multiply-adds: the
 forward makes three passes over the selected output (select, statistics, normalise), the
 backward two reductions and four fused multiply-adds; masked copies fed to two ``F.batch_norm``
-calls would need several times that.
+calls would need several times that. On CUDA (eager), two Triton kernels
+(:mod:`adafilter.layers.kernels`) compute the statistics and the normalised selection reading
+only the selected branch per plane. ``capturable=True`` (and any ``torch.compile`` trace) uses
+only traceable operations and no host reads, with the same results.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from . import kernels
+from .capture import is_compiling
 
 # (bn_f, bn_s), mean (2, C), biased var (2, C), values n (2, C) of each branch's batch
 BranchStatsObserver = Callable[
@@ -273,7 +279,7 @@ class _GatedBNFunction(torch.autograd.Function):
         bf: Tensor,
         ws: Tensor,
         bs: Tensor,
-        z: Tensor,
+        z: Tensor | None,
         masks: Tensor,
         capturable: bool,
         *stats: Tensor,
@@ -289,8 +295,11 @@ class _GatedBNFunction(torch.autograd.Function):
         # every layer, and a captured graph cannot branch on it.)
         skip = g.device.type == "cpu" and not capturable
         ctx.used = (bool(sel.any()), not bool(sel.all())) if skip else (True, True)
-        scale = torch.where(sel, st.scale[0], st.scale[1])[:, :, None, None]  # (B, C, 1, 1)
-        shift = torch.where(sel, st.shift[0], st.shift[1])[:, :, None, None]
+        scale = torch.where(sel, st.scale[0], st.scale[1])  # (B, C)
+        shift = torch.where(sel, st.shift[0], st.shift[1])
+        if z is None:  # Triton: select (Eq. 1) and normalise (Eq. 5) in one pass
+            return kernels.select_affine(xf, xs, sel, scale, shift)
+        scale, shift = scale[:, :, None, None], shift[:, :, None, None]  # (B, C, 1, 1)
         return torch.addcmul(shift.to(z.dtype), z, scale.to(z.dtype))  # Eq. 5, z = Eq. 1
 
     @staticmethod
@@ -327,6 +336,13 @@ class _GatedBNFunction(torch.autograd.Function):
             None,
             *([None] * len(stats)),
         )
+
+
+def _triton(xf: Tensor, xs: Tensor) -> bool:
+    """Use :mod:`.kernels` (CUDA, eager or CUDA-graph capture; torch.compile fuses its own)."""
+    return (
+        kernels.available(xf) and not is_compiling() and xf.is_contiguous() and xs.is_contiguous()
+    )
 
 
 def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -372,11 +388,15 @@ def gated_batch_norm(
     mask = g.detach().to(torch.float32 if _low(xf) else xf.dtype)
     masks = torch.stack([mask, 1.0 - mask])  # (2, B, C): routed to F / to S
     hw = xf.shape[2] * xf.shape[3]
-    with torch.no_grad():
-        z = torch.where(mask[:, :, None, None] > 0.5, xf, xs)  # (B, C, H, W): Eq. 1
     # A branch's statistics only involve its routed (example, channel) planes, which are
-    # exactly the planes of z: one statistics pass serves both branches.
-    stats = _per_example_stats(z, capturable) if training else None
+    # exactly the planes of the selection z: one statistics pass serves both branches.
+    z: Tensor | None = None
+    if _triton(xf, xs):  # CUDA: per-plane kernels read only the selected branch
+        stats = kernels.plane_stats(xf, xs, mask > 0.5) if training else None
+    else:
+        with torch.no_grad():
+            z = torch.where(mask[:, :, None, None] > 0.5, xf, xs)  # (B, C, H, W): Eq. 1
+        stats = _per_example_stats(z, capturable) if training else None
     st = _both_stats(stats, hw, masks, (bn_f, bn_s), min_examples, min_values, capturable)
     return _GatedBNFunction.apply(
         xf,
