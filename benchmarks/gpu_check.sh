@@ -12,9 +12,14 @@ nvidia-smi -L
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 status=0
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py \
-  "tests/test_distributed.py::test_torchrun_two_processes[cuda]" 2>&1 | tee "$OUT/pytest.log" | tail -15 || status=1
+  "tests/test_distributed.py::test_torchrun_two_processes[cuda]" \
+  tests/test_kernels.py::test_kernels_match_eager_on_cuda 2>&1 | tee "$OUT/pytest.log" | tail -15 || status=1
 timeout 300 python3 benchmarks/speed.py --device cuda --reps "${REPS:-20}" > "$OUT/speed.log" 2>&1 || status=1
 tail -3 "$OUT/speed.log"
+# eager vs torch.compile (default and reduce-overhead = CUDA graphs), graph breaks (issue 14)
+timeout 400 python3 benchmarks/speed.py --device cuda --only compile --reps "${REPS:-20}" \
+  > "$OUT/speed-compile.log" 2>&1 || status=1
+cp benchmarks/results/speed-cuda-compile.json "$OUT/" 2>/dev/null
 cp benchmarks/results/speed-cuda.json "$OUT/" 2>/dev/null
 python3 - "$OUT/speed-cuda.json" <<'PY' || status=1
 import json, sys

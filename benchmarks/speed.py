@@ -9,6 +9,7 @@ reported, so machine load affects both sides alike.
     python benchmarks/speed.py                       # ResNet-50 @224 and ResNet-18 @64
     python benchmarks/speed.py --quick               # small sizes, a smoke run
     python benchmarks/speed.py --checkpoint RUN/checkpoint.pt   # policies of a trained model
+    python benchmarks/speed.py --only compile --no-save   # eager vs torch.compile, graph breaks
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def _train_step_fn(
 ) -> Callable[[], None]:
     """One SGD step on ``(x, y)``; ``graphed``: forward and backward replayed as CUDA graphs
     (``torch.cuda.make_graphed_callables``), the optimizer eager."""
-    if isinstance(model, AdaFilterModel):
-        groups = model.param_groups(lr=0.01, gate_lr=0.1)
+    base = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the model's groups
+    if isinstance(base, AdaFilterModel):
+        groups = base.param_groups(lr=0.01, gate_lr=0.1)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
@@ -251,6 +253,69 @@ def bench_memory(arch: str, res: int, batch: int, device: torch.device) -> dict:
     }
 
 
+def graph_breaks(arch: str, res: int, batch: int, device: torch.device) -> dict:
+    """``torch._dynamo.explain`` of a wrapped model (init gate): graph breaks in training (the
+    forward that torch.compile captures with its backward) and eval, at ``batch``."""
+    _, ada, x, _ = _train_setup(arch, res, batch, device, "init")
+    out: dict = {"arch": arch, "resolution": res, "batch": batch}
+    for mode in ("train", "eval"):
+        torch._dynamo.reset()
+        ada.train(mode == "train")
+        with torch.set_grad_enabled(mode == "train"):
+            e = torch._dynamo.explain(lambda t: ada(t).sum())(x)
+        out[mode] = {"graph_breaks": e.graph_break_count, "graphs": e.graph_count}
+    torch._dynamo.reset()
+    return out
+
+
+def bench_compiled(
+    arch: str,
+    res: int,
+    batch: int,
+    reps: int,
+    device: torch.device,
+    mode: str,
+    policy: str,
+    compile_mode: str | None = None,
+) -> dict:
+    """Eager vs ``torch.compile`` (inductor) for plain fine-tuning and AdaFilter, interleaved.
+
+    ``mode``: ``train`` (an SGD step, forward and backward compiled) or ``eval`` (no_grad
+    forward). ``compile_mode="reduce-overhead"`` (CUDA): compiled code replayed as CUDA graphs.
+    Compilation happens in the warm-up calls and is not timed.
+    """
+    plain, ada, x, y = _train_setup(arch, res, batch, device, policy)
+    fns: dict[str, Callable[[], None]] = {}
+    for name, model in (("finetune", plain), ("adafilter", ada)):
+        compiled = torch.compile(copy.deepcopy(model), mode=compile_mode)
+        for tag, m in (("eager", copy.deepcopy(model)), ("compiled", compiled)):
+            if mode == "train":
+                fns[f"{name}_{tag}"] = _train_step_fn(m, x, y)
+            else:
+                m.eval()
+
+                def run(m: nn.Module = m) -> None:
+                    with torch.no_grad():
+                        m(x)
+
+                fns[f"{name}_{tag}"] = run
+    med = _interleaved(fns, reps, device, warmup=3)
+    torch._dynamo.reset()
+    return {
+        "arch": arch,
+        "resolution": res,
+        "batch": batch,
+        "mode": mode,
+        "policy": policy,
+        "compile_mode": compile_mode or "default",
+        "median_s": med,
+        "ratio_eager": med["adafilter_eager"] / med["finetune_eager"],
+        "ratio_compiled": med["adafilter_compiled"] / med["finetune_compiled"],
+        "adafilter_compiled_vs_eager": med["adafilter_compiled"] / med["adafilter_eager"],
+        "finetune_compiled_vs_eager": med["finetune_compiled"] / med["finetune_eager"],
+    }
+
+
 def _policy_stats(model: AdaFilterModel) -> dict:
     """Fraction of filters the last batch needed from F and from S (any example)."""
     need_f = need_s = total = 0
@@ -394,6 +459,11 @@ def main() -> None:
     )
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--only", default="train,graphs,memory,eval1,eval32")
+    ap.add_argument(
+        "--compile-size",
+        default=None,
+        help="arch,resolution,batch of the compile rows (default resnet18,64,8; quick 32)",
+    )
     ap.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -451,6 +521,23 @@ def main() -> None:
             bench_eval(*big, 32, reps, device, args.checkpoint, p)
             for p in (("checkpoint",) if args.checkpoint else ("trained-like",)) + ("random",)
         ]
+    if "compile" in only:  # eager vs torch.compile (issue 14); not in the default --only
+        arch, r, b = (args.compile_size or f"resnet18,{32 if args.quick else 64},8").split(",")
+        size = (arch, int(r), int(b))
+        result["graph_breaks"] = graph_breaks(*size, device)
+        result["compiled"] = [
+            bench_compiled(*size, reps, device, mode, policy)
+            for mode, policy in (
+                ("train", "init"),
+                ("train", "trained-like"),
+                ("eval", "trained-like"),
+            )
+        ]
+        if device.type == "cuda":  # compiled code replayed as CUDA graphs
+            result["compiled"] += [
+                bench_compiled(*size, reps, device, mode, "trained-like", "reduce-overhead")
+                for mode in ("train", "eval")
+            ]
     if args.trained_run:
         only.add("trained")
         result["eval_trained_runs"] = [
@@ -465,6 +552,8 @@ def main() -> None:
         name = "speed-quick.json" if args.quick else f"speed-{device.type}.json"
         if only == {"trained"}:  # --only trained --trained-run ...: its own file
             name = f"speed-{device.type}-trained-runs.json"
+        if only == {"compile"}:  # --only compile: its own file
+            name = f"speed-{device.type}-compile{'-quick' if args.quick else ''}.json"
         tmp = RESULTS / (name + ".tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, RESULTS / name)

@@ -597,6 +597,27 @@ class AdaFilterModel(nn.Module):
         self._decisions: dict[int, Tensor] = {}
         mark_trainable(self)
 
+    @property
+    def capturable(self) -> bool:
+        """Every gated layer and the gate run their capturable path (see the setter)."""
+        layers = [*self.gated_layers().values(), self.gate]
+        return all(getattr(m, "capturable", True) for m in layers)
+
+    @capturable.setter
+    def capturable(self, value: bool) -> None:
+        """Run without host synchronisation, caches or data-dependent shapes.
+
+        For ``torch.compile(model, fullgraph=True)`` and CUDA-graph capture: masks and counts
+        stay on the device and every rule (the gated BN's min-examples and whole-branch rules)
+        is a tensor ``where``. Results equal the default path's, which keeps the faster CPU
+        tricks (statistics through ATen's BN kernels, a backward on the used filters only, the
+        batch-1 merged filters cached across calls). ``torch.compile`` takes this path while
+        it traces even when the flag is off.
+        """
+        for m in [*self.gated_layers().values(), self.gate]:
+            if hasattr(m, "capturable"):
+                m.capturable = bool(value)
+
     def gating_summary(self) -> GatingSummary:
         """Which convs were gated (and the norm after each) and which were skipped, and why.
 

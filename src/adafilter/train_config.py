@@ -76,6 +76,12 @@ class TrainConfig:
             replay it (single process, CUDA only; ignored with a warning otherwise). AdaFilter
             runs many small operations per layer, and an eager GPU step is bound by launching
             them; see the README's speed table.
+        compile: Train through ``torch.compile(model)`` (timm's ``--torchcompile``); an
+            AdaFilter model then runs its capturable path (no host reads), which
+            ``torch.compile`` captures whole. Evaluation stays eager. Takes precedence over
+            ``cuda_graphs``.
+        compile_backend: The ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` traces
+            without generating code, for tests).
         subset_per_class: Keep at most this many images per class in both splits (quick runs).
         train_per_class: Keep at most this many training images per class (the evaluation
             split stays whole): few-shot regimes such as Caltech-256-30.
@@ -126,6 +132,8 @@ class TrainConfig:
     amp: str = "off"
     channels_last: bool = False
     cuda_graphs: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
     subset_per_class: int | None = None
     train_per_class: int | None = None
     gate_backbone: str = "resnet18"

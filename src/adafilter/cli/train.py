@@ -67,6 +67,8 @@ TRAIN_FLAGS: list[tuple[str, str] | None] = [
     ("amp", "off, bf16 or fp16 (CUDA only; default {d})"),
     ("channels_last", "channels-last memory format"),
     ("cuda_graphs", "replay each training step as a CUDA graph (one GPU; default off)"),
+    ("compile", "train through torch.compile (default off; see --compile-backend)"),
+    ("compile_backend", "torch.compile backend (default {d})"),
     ("subset_per_class", "keep at most K images per class (quick runs)"),
     ("train_per_class", "keep at most K training images per class (evaluation split whole)"),
     ("gate_backbone", "cnn-gate network (default {d})"),

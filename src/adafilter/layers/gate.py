@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .capture import is_compiling
+
 
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
@@ -84,6 +86,9 @@ class RecurrentGate(nn.Module):
         self.cell = nn.LSTMCell(embed_dim, hidden_dim)
         self.heads = nn.ModuleList(nn.Linear(hidden_dim, c) for c in out_channels)
         self._fused: dict[int, tuple] = {}  # eval-mode cache, see _eval_weights
+        # True: fuse the eval weights in every step instead of caching them by data pointer
+        # (torch.compile traces the fusion into its graph); also whenever it is compiling.
+        self.capturable = False
         for head in self.heads:
             nn.init.constant_(head.bias, bias_init)
 
@@ -119,7 +124,7 @@ class RecurrentGate(nn.Module):
         """
         emb, cell, head = self.embed[index], self.cell, self.heads[index]
         params = (emb.weight, emb.bias, *cell.parameters(), head.weight, head.bias)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.capturable or is_compiling():
             return self._fuse(index)
         key = tuple((p.data_ptr(), p._version) for p in params)
         hit = self._fused.get(index)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .capture import is_compiling, is_dynamo_compiling
 from .gated_bn import gated_batch_norm
 
 
@@ -42,16 +43,33 @@ class PolicySource(Protocol):
 
 
 _SOURCE: ContextVar[PolicySource | None] = ContextVar("adafilter_policy_source", default=None)
+# Sources activated while torch.compile traces: ContextVar.set() cannot be traced, a list's
+# append/pop can. Only the tracer sees this stack; a compiled graph never reads it.
+_TRACED_SOURCES: list[PolicySource] = []
 
 
 @contextlib.contextmanager
 def policy_source(source: PolicySource) -> Iterator[None]:
     """Make ``source`` answer the gated layers' policy requests inside the ``with`` block."""
+    if is_dynamo_compiling():
+        _TRACED_SOURCES.append(source)
+        try:
+            yield
+        finally:
+            _TRACED_SOURCES.pop()
+        return
     token = _SOURCE.set(source)
     try:
         yield
     finally:
         _SOURCE.reset(token)
+
+
+def current_policy_source() -> PolicySource | None:
+    """The innermost active :func:`policy_source` (``None`` outside every block)."""
+    if _TRACED_SOURCES:
+        return _TRACED_SOURCES[-1]
+    return _SOURCE.get()
 
 
 SUBSET_MAX_FRACTION = 0.8  # backward on a filter subset only below this share of filters
@@ -173,6 +191,9 @@ class GatedConv2dBN(nn.Module):
         self.fast_eval = fast_eval
         self.fixed_stats = fixed_stats
         self.subset_backward = True  # False: plain autograd through both convs (reference)
+        # True: no host reads, caches or data-dependent shapes (torch.compile, CUDA graphs);
+        # also taken whenever torch.compile traces the layer. Same results either way.
+        self.capturable = False
         self.conv_s = conv  # frozen pretrained filters S (the original module)
         self.conv_f = copy.deepcopy(conv)  # trainable filters F, same initial weights
         if gated_bn:
@@ -197,17 +218,22 @@ class GatedConv2dBN(nn.Module):
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        source = _SOURCE.get()
+        source = current_policy_source()
         if source is None:
             raise RuntimeError(
                 "a gated layer ran outside an AdaFilterModel forward; call the wrapping model"
             )
         g = source.policy(self.index, x)  # (B, C_out) in {0, 1}
+        capturable = self.capturable or is_compiling()
         if not self.training and self.fast_eval and not torch.is_grad_enabled():
-            return self._forward_fast(x, g if g.dtype == torch.bool else g > 0.5)
+            sel = g if g.dtype == torch.bool else g > 0.5  # (B, C_out)
+            if capturable:
+                return self._forward_fast_capturable(x, sel)
+            return self._forward_fast(x, sel)
         # Skipping unused filters needs their count on the host: free on CPU, but on a GPU
         # that read would stall the launch queue once per layer, which costs more than it saves.
-        if torch.is_grad_enabled() and self.subset_backward and x.device.type == "cpu":
+        subset = self.subset_backward and x.device.type == "cpu" and not capturable
+        if torch.is_grad_enabled() and subset:
             sel = g.detach() > 0.5  # (B, C)
             conv = _SubsetBackwardConv.apply
             xf = conv(x, self.conv_f.weight, self.conv_f.bias, sel.any(0), self.conv_f)
@@ -229,6 +255,7 @@ class GatedConv2dBN(nn.Module):
                 training=self.training and not self.fixed_stats,
                 min_examples=self.bn_min_examples,
                 min_values=self.bn_min_values,
+                capturable=capturable,
             )
         gate = g.to(xf.dtype)[:, :, None, None]  # (B, C, 1, 1)
         z = xs + gate * (xf - xs)  # Eq. 1, then one standard BN
@@ -261,6 +288,29 @@ class GatedConv2dBN(nn.Module):
             self._fold_key = key
             self._merged = None
         return self._fold
+
+    def _forward_fast_capturable(self, x: Tensor, sel: Tensor) -> Tensor:
+        """:meth:`_forward_fast` without caches, host reads or data-dependent shapes.
+
+        BN is folded into both filter banks inside the graph (a compiled graph fuses it), then
+        batch 1 runs one conv with the example's merged filters and a larger batch runs both
+        folded convs and selects per (example, channel) (Eq. 1).
+        """
+        bn_f = self.bn_f if self.gated_bn else self.bn
+        bn_s = self.bn_s if self.gated_bn else self.bn
+        folded = []
+        for conv, bn in ((self.conv_f, bn_f), (self.conv_s, bn_s)):
+            scale, shift = bn_affine(bn)  # (C,) each
+            w = conv.weight * scale.view(-1, 1, 1, 1)
+            folded += [w, shift if conv.bias is None else conv.bias * scale + shift]
+        w_f, b_f, w_s, b_s = folded
+        if x.shape[0] == 1:  # one merged filter bank
+            sel0 = sel[0]  # (C,)
+            w = torch.where(sel0.view(-1, 1, 1, 1), w_f, w_s)
+            return self._conv(x, w, torch.where(sel0, b_f, b_s))
+        return torch.where(  # (B, C, H', W')
+            sel[:, :, None, None], self._conv(x, w_f, b_f), self._conv(x, w_s, b_s)
+        )
 
     def _forward_fast(self, x: Tensor, sel: Tensor) -> Tensor:
         """Eval: every output filter computed once per example (``sel`` (B, C) bool)."""
@@ -351,4 +401,6 @@ class GatedConv2dBN(nn.Module):
         return super().train(mode)
 
     def extra_repr(self) -> str:
-        return f"index={self.index}, gated_bn={self.gated_bn}, fast_eval={self.fast_eval}"
+        return f"index={self.index}, gated_bn={self.gated_bn}, fast_eval={self.fast_eval}" + (
+            ", capturable=True" if self.capturable else ""
+        )

@@ -62,6 +62,25 @@ def graphed_forward(
     return GraphedForward(module)
 
 
+def compiled_model(config: TrainConfig, model: nn.Module, graphed: Any) -> nn.Module:
+    """``torch.compile(model)`` for ``TrainConfig.compile`` (the training forward and backward).
+
+    AdaFilter models take their capturable path while traced, so they compile without graph
+    breaks; a method whose policies come from a host generator (``random-policy``) still
+    compiles, breaking the graph at each draw.
+    """
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if config.compile_backend not in known:
+        raise AdaFilterError(
+            f"unknown --compile-backend {config.compile_backend!r}; use one of {', '.join(known)}"
+        )
+    if graphed is not None:
+        logger.warning("--cuda-graphs ignored with --compile")
+    return torch.compile(model, backend=config.compile_backend)
+
+
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off":
         return None

@@ -29,7 +29,7 @@ from ..errors import AdaFilterError
 from ..methods import METHODS, Prepared, trainable_per_example
 from ..train_config import TrainConfig
 from ..utils.seeding import seed_epoch
-from .build import amp_dtype, build_model, graphed_forward, resolve_device
+from .build import amp_dtype, build_model, compiled_model, graphed_forward, resolve_device
 from .data import (
     calibration_loader,
     eval_loader,
@@ -196,6 +196,8 @@ class Trainer:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=self.method.find_unused_parameters,
             )
+        if config.compile:  # --compile (issue 14): evaluation stays eager
+            self.model, self.graphed = compiled_model(config, self.model, self.graphed), None
         self.batch = max(1, config.batch_size // env.world_size)
         if config.batch_size % env.world_size:
             logger.warning(

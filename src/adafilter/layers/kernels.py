@@ -1,0 +1,146 @@
+"""Triton kernels for the gated BN forward (Eq. 5) on CUDA.
+
+The eager forward materialises the selection ``z = where(G, F(x), S(x))`` (Eq. 1), reduces it
+per (example, channel) plane and normalises it: three full passes plus a few small launches.
+Two kernels do the same reading, per plane, only the branch the policy selects:
+
+* :func:`plane_stats`: mean and biased variance of every selected plane (two passes over the
+  plane, like ATen's BN statistics, never ``E[x^2] - E[x]^2``), in float32;
+* :func:`select_affine`: ``y = x_sel * scale[b, c] + shift[b, c]`` with ``x_sel`` the selected
+  branch, i.e. Eq. 5 with each branch's BN folded into a per-(example, channel) affine map.
+
+The per-branch statistics, the degenerate-branch rules and the backward stay in
+:mod:`adafilter.layers.gated_bn` (small (2, C) tensors). Used by default for CUDA tensors in
+eager mode when Triton is importable; ``ADAFILTER_TRITON=0`` (or ``kernels.ENABLED = False``)
+turns it off. Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional (CPU-only installs, older platforms)
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - any import failure means "no Triton"
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+
+#: Set to ``False`` to keep the eager ATen path on CUDA too.
+ENABLED = os.environ.get("ADAFILTER_TRITON", "1") != "0"
+_BLOCK = 1024
+
+
+def interpreted() -> bool:
+    """Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(x: Tensor) -> bool:
+    """The kernels can run on ``x``'s device: CUDA (or any device under the interpreter)."""
+    if triton is None or not ENABLED:
+        return False
+    return x.device.type == "cuda" or interpreted()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _plane_stats_kernel(
+        xf_ptr, xs_ptr, sel_ptr, mean_ptr, var_ptr, hw, BLOCK: tl.constexpr
+    ):  # pragma: no cover - compiled by Triton
+        plane = tl.program_id(0)
+        take = tl.load(sel_ptr + plane).to(tl.int32)
+        take_f = take != 0
+        take_s = take == 0
+        base = plane.to(tl.int64) * hw
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, hw, BLOCK):
+            idx = start + offs
+            inside = idx < hw
+            # masked loads: only the selected branch's plane is read from memory (Eq. 1)
+            a = tl.load(xf_ptr + base + idx, mask=inside & take_f, other=0.0).to(tl.float32)
+            b = tl.load(xs_ptr + base + idx, mask=inside & take_s, other=0.0)
+            acc += a + b.to(tl.float32)
+        mean = tl.sum(acc, axis=0) / hw
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, hw, BLOCK):  # second pass: sum of squared deviations
+            idx = start + offs
+            inside = idx < hw
+            a = tl.load(xf_ptr + base + idx, mask=inside & take_f, other=0.0).to(tl.float32)
+            b = tl.load(xs_ptr + base + idx, mask=inside & take_s, other=0.0)
+            d = tl.where(inside, a + b.to(tl.float32) - mean, 0.0)
+            acc += d * d
+        tl.store(mean_ptr + plane, mean)
+        tl.store(var_ptr + plane, tl.sum(acc, axis=0) / hw)
+
+    @triton.jit
+    def _select_affine_kernel(
+        xf_ptr, xs_ptr, sel_ptr, scale_ptr, shift_ptr, out_ptr, hw, BLOCK: tl.constexpr
+    ):  # pragma: no cover - compiled by Triton
+        plane = tl.program_id(0)
+        take = tl.load(sel_ptr + plane).to(tl.int32)
+        take_f = take != 0
+        take_s = take == 0
+        scale = tl.load(scale_ptr + plane)
+        shift = tl.load(shift_ptr + plane)
+        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = idx < hw
+        ptr = plane.to(tl.int64) * hw + idx
+        a = tl.load(xf_ptr + ptr, mask=inside & take_f, other=0.0).to(tl.float32)
+        b = tl.load(xs_ptr + ptr, mask=inside & take_s, other=0.0).to(tl.float32)
+        y = (a + b) * scale + shift  # Eq. 5 with the selected branch's BN as an affine map
+        tl.store(out_ptr + ptr, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _check(xf: Tensor, xs: Tensor, sel: Tensor) -> None:
+    if xf.shape != xs.shape or xf.dim() != 4 or sel.shape != xf.shape[:2]:
+        raise ValueError(
+            f"need xf, xs (B, C, H, W) and sel (B, C), got {xf.shape}, {xs.shape}, {sel.shape}"
+        )
+
+
+def plane_stats(xf: Tensor, xs: Tensor, sel: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance (float32, (B, C) each) of ``where(sel, xf, xs)``'s planes.
+
+    Args:
+        xf: F branch output (B, C, H, W).
+        xs: S branch output, same shape and dtype.
+        sel: (B, C) bool, True where the plane comes from ``xf``.
+    """
+    _check(xf, xs, sel)
+    b, c, h, w = xf.shape
+    xf, xs, sel = xf.contiguous(), xs.contiguous(), sel.to(torch.uint8).contiguous()
+    mean = torch.empty(b, c, device=xf.device, dtype=torch.float32)
+    var = torch.empty_like(mean)
+    hw = h * w
+    block = min(_BLOCK, triton.next_power_of_2(hw))
+    _plane_stats_kernel[(b * c,)](xf, xs, sel, mean, var, hw, BLOCK=block)
+    return mean, var
+
+
+def select_affine(xf: Tensor, xs: Tensor, sel: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``where(sel, xf, xs) * scale + shift`` per (example, channel) plane, in ``xf``'s dtype.
+
+    Args:
+        xf: F branch output (B, C, H, W).
+        xs: S branch output, same shape and dtype.
+        sel: (B, C) bool, True where the plane comes from ``xf``.
+        scale: (B, C) float32 multiplier of each plane.
+        shift: (B, C) float32 offset of each plane.
+    """
+    _check(xf, xs, sel)
+    b, c, h, w = xf.shape
+    xf, xs, sel = xf.contiguous(), xs.contiguous(), sel.to(torch.uint8).contiguous()
+    out = torch.empty_like(xf)
+    hw = h * w
+    block = min(_BLOCK, triton.next_power_of_2(hw))
+    scale = scale.to(torch.float32).contiguous()
+    shift = shift.to(torch.float32).contiguous()
+    grid = (b * c, triton.cdiv(hw, block))
+    _select_affine_kernel[grid](xf, xs, sel, scale, shift, out, hw, BLOCK=block)
+    return out

@@ -1,0 +1,118 @@
+"""Triton gated-BN kernels (layers/kernels.py) against the eager path they replace on CUDA.
+
+On CPU they run through Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before
+Triton is imported: a subprocess); skipped where Triton or its interpreter is unavailable. On
+a CUDA machine the same comparison runs on the GPU. Tolerance: ``atol=1e-5, rtol=1e-4``
+(float32; the kernels sum in another order than ATen).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from adafilter.layers import kernels
+from adafilter.layers.gated_bn import gated_batch_norm
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _bns(c: int, device: str) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
+    gen = torch.Generator().manual_seed(1)
+    bn_f, bn_s = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+    with torch.no_grad():
+        for bn in (bn_f, bn_s):
+            bn.weight.copy_(1 + 0.3 * torch.randn(c, generator=gen))
+            bn.bias.copy_(0.2 * torch.randn(c, generator=gen))
+            bn.running_mean.copy_(0.3 * torch.randn(c, generator=gen))
+            bn.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+    return bn_f.to(device), bn_s.to(device)
+
+
+def _run(device: str, training: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Gated BN on a batch with degenerate, whole and mixed channels: output, grads, state."""
+    gen = torch.Generator().manual_seed(0)
+    b, c, h, w = 5, 6, 3, 3
+    xf = torch.randn(b, c, h, w, generator=gen).to(device).requires_grad_(True)
+    xs = (torch.randn(b, c, h, w, generator=gen) + 1).to(device).requires_grad_(True)
+    g = (torch.rand(b, c, generator=gen) > 0.5).float()
+    g[:, 0] = 1.0  # all F
+    g[:, 1] = 0.0
+    g[0, 1] = 1.0  # one example in F: running statistics (too few examples)
+    g = g.to(device).requires_grad_(True)
+    bn_f, bn_s = _bns(c, device)
+    out = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=training)
+    weight = torch.linspace(-1, 2, out.numel(), device=device).view_as(out)
+    (out * weight).sum().backward()
+    grads = [xf.grad, xs.grad, g.grad] + [p.grad for bn in (bn_f, bn_s) for p in bn.parameters()]
+    state = [t.clone() for bn in (bn_f, bn_s) for t in (bn.running_mean, bn.running_var)]
+    return out.detach(), [t for t in grads + state if t is not None]
+
+
+def compare(device: str) -> None:
+    """Kernels on vs off: same outputs, gradients and running statistics (train and eval)."""
+    assert kernels.available(torch.zeros(1, device=device)), "kernels not used"
+    gen = torch.Generator().manual_seed(2)
+    xf, xs = (torch.randn(2, 3, 5, 7, generator=gen).to(device) for _ in range(2))
+    sel = (torch.rand(2, 3, generator=gen) > 0.5).to(device)
+    z = torch.where(sel[:, :, None, None], xf, xs)
+    var, mean = torch.var_mean(z, dim=(2, 3), correction=0)
+    got_mean, got_var = kernels.plane_stats(xf, xs, sel)
+    torch.testing.assert_close(got_mean, mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_var, var, atol=1e-5, rtol=1e-4)
+    scale, shift = (torch.randn(2, 3, generator=gen).to(device) for _ in range(2))
+    got = kernels.select_affine(xf, xs, sel, scale, shift)
+    torch.testing.assert_close(got, z * scale[:, :, None, None] + shift[:, :, None, None])
+    for training in (True, False):
+        kernels.ENABLED = True
+        out_k, rest_k = _run(device, training)
+        kernels.ENABLED = False
+        out_e, rest_e = _run(device, training)
+        kernels.ENABLED = True
+        torch.testing.assert_close(out_k, out_e, atol=1e-5, rtol=1e-4)
+        assert len(rest_k) == len(rest_e)
+        for a, b in zip(rest_k, rest_e, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow  # the interpreter runs each program in Python (~20 s of CPU here)
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernels_match_eager_under_triton_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    here = Path(__file__).resolve().parent
+    probe = "import triton.language; from adafilter.layers import kernels; print('ok')"
+    if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode:
+        pytest.skip("Triton's interpreter cannot be imported here")
+    code = (
+        f"import sys; sys.path.insert(0, {str(here)!r}); import test_kernels as t; t.compare('cpu')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA + Triton")
+def test_kernels_match_eager_on_cuda() -> None:
+    compare("cuda")
+
+
+def test_kernels_reject_bad_shapes() -> None:
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    x = torch.zeros(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="need xf, xs"):
+        kernels.plane_stats(x, x, torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_kernels_off_on_cpu_without_interpreter() -> None:
+    if kernels.interpreted():
+        pytest.skip("TRITON_INTERPRET=1 is set in this process")
+    assert not kernels.available(torch.zeros(1))
