@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from .base import int_list, setup_logging, subcommand
 
@@ -54,24 +55,13 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, parse_methods, run_demo
 
-    weights = None if str(args.weights).lower() == "none" else args.weights
-    config = DemoConfig(
-        out=args.out,
-        backbone=args.backbone,
-        weights=weights,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        methods=parse_methods(args.methods),
-        epochs=args.epochs,
-        milestones=list(args.milestones),
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        subset_per_class=args.subset_per_class,
-        seed=args.seed,
-        workers=args.workers,
-        device=args.device,
-        quiet=args.quiet,
-    )
+    # DemoConfig fields that are flags keep their names (lr, gate_lr: the training defaults).
+    names = [f.name for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)]
+    values = {name: getattr(args, name) for name in names}
+    values["weights"] = None if str(args.weights).lower() == "none" else args.weights
+    values["methods"] = parse_methods(args.methods)
+    values["milestones"] = list(args.milestones)
+    config = DemoConfig(**values)
     setup_logging(quiet=config.quiet)
     result = run_demo(config)
     report = result["report"]
