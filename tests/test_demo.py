@@ -37,6 +37,8 @@ def _demo_args(data: Path, out: Path, *extra: str) -> list[str]:
         "0",
         "--device",
         "cpu",
+        "--pretrain",
+        "none",
         *extra,
     ]
 
@@ -87,13 +89,36 @@ def test_demo_interrupted_says_what_is_done_and_resumes(
     assert json.loads((out / "runs" / "adafilter" / "summary.json").read_text())["completed"]
 
 
+def test_demo_pretrains_then_starts_every_method_from_those_weights(tiny, tmp_path, capsys):
+    """The source stage trains the backbone; both methods start from its export (S = it)."""
+    import torch
+
+    out = tmp_path / "demo"
+    args = _demo_args(tiny["data"], out, "--epochs", "1", "--milestones", "1")
+    args[args.index("--pretrain") + 1] = "imagefolder"
+    args += ["--pretrain-root", str(tiny["data"]), "--pretrain-epochs", "1"]
+    assert main(args) == 0
+    assert "[demo] pretraining tiny-cnn on imagefolder" in capsys.readouterr().out
+    exported = out / "pretrain" / "pretrained.pt"
+    pretrained = torch.load(exported, weights_only=True)["model"]
+    for method in ("finetune", "adafilter"):
+        config = json.loads((out / "runs" / method / "config.json").read_text())
+        assert config["weights"] == str(exported)
+    # AdaFilter's frozen S filters are the pretrained filters, bit for bit.
+    ada = torch.load(out / "runs" / "adafilter" / "checkpoint.pt", weights_only=True)["model"]
+    convs = [v for k, v in pretrained.items() if v.dim() == 4]
+    assert convs and all(any(torch.equal(c, v) for v in ada.values()) for c in convs)
+    assert main(args) == 0
+    assert "pretrain: already complete" in capsys.readouterr().out
+
+
 def test_demo_help_lists_the_knobs(capsys):
     with pytest.raises(SystemExit):
         from adafilter.cli import build_parser
 
         build_parser().parse_args(["demo", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--backbone", "--dataset", "--methods", "--epochs", "--weights"):
+    for flag in ("--backbone", "--dataset", "--methods", "--epochs", "--weights", "--pretrain"):
         assert flag in text
 
 

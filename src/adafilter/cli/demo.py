@@ -15,9 +15,39 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--backbone", default=d.backbone, help=f"backbone (default {d.backbone})")
     p.add_argument(
-        "--weights", default=d.weights, help="'pretrained' (default), a state_dict file or 'none'"
+        "--weights",
+        default="none",
+        help="starting weights: 'pretrained', a state_dict file or 'none' (default: random "
+        "init, then the source stage)",
     )
-    p.add_argument("--dataset", default=d.dataset, help=f"dataset (default {d.dataset})")
+    p.add_argument(
+        "--pretrain",
+        default=d.pretrain,
+        help=f"source dataset the backbone is trained on first, or 'none' to start every "
+        f"method from --weights (default {d.pretrain})",
+    )
+    p.add_argument(
+        "--pretrain-root", default=None, help="source dataset folder (default: the dataset's)"
+    )
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=d.pretrain_epochs,
+        help=f"epochs of the source stage (default {d.pretrain_epochs})",
+    )
+    p.add_argument(
+        "--pretrain-per-class",
+        type=int,
+        default=d.pretrain_per_class,
+        help=f"source images per class (default {d.pretrain_per_class})",
+    )
+    p.add_argument(
+        "--pretrain-lr",
+        type=float,
+        default=d.pretrain_lr,
+        help=f"learning rate of the source stage (default {d.pretrain_lr})",
+    )
+    p.add_argument("--dataset", default=d.dataset, help=f"target dataset (default {d.dataset})")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the dataset's)")
     p.add_argument(
         "--methods",
@@ -59,6 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     names = [f.name for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)]
     values = {name: getattr(args, name) for name in names}
     values["weights"] = None if str(args.weights).lower() == "none" else args.weights
+    values["pretrain"] = None if str(args.pretrain).lower() == "none" else args.pretrain
     values["methods"] = parse_methods(args.methods)
     values["milestones"] = list(args.milestones)
     config = DemoConfig(**values)

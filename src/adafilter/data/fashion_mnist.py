@@ -81,6 +81,34 @@ def raw_dir(root: Path) -> Path:
 
 def load(root: Path, seed: int) -> tuple[ImageList, ImageList]:
     """Read Fashion-MNIST train (60000) and test (10000) from ``root``."""
+    return _load(root, seed, negatives=False)
+
+
+# The negatives variant: which images are negatives is fixed (not the run's seed), so every run,
+# method and split sees the same task.
+NEGATIVES_SEED = 20200207
+NEGATIVES_LABEL_SHIFT = 5
+
+
+def negative_mask(n: int, split: str) -> np.ndarray:
+    """Which of a split's ``n`` images the negatives variant inverts (about half, fixed)."""
+    rng = np.random.default_rng([NEGATIVES_SEED, 0 if split == "train" else 1])
+    return rng.random(n) < 0.5
+
+
+def load_negatives(root: Path, seed: int) -> tuple[ImageList, ImageList]:
+    """Fashion-MNIST where about half of each split are photographic negatives, relabelled.
+
+    A negative (``255 - image``) of class ``k`` is labelled ``(k + 5) mod 10``. A network
+    pretrained on plain Fashion-MNIST is right for the positives and wrong for the negatives,
+    in features (inverted contrast) and in labels: the transfer problem of AdaFilter's
+    known-policy check built from real images, where keeping pretrained filters for some
+    examples and fine-tuning them for others is the right policy.
+    """
+    return _load(root, seed, negatives=True)
+
+
+def _load(root: Path, seed: int, *, negatives: bool) -> tuple[ImageList, ImageList]:
     del seed
     folder = raw_dir(root)
     out = []
@@ -92,7 +120,13 @@ def load(root: Path, seed: int) -> tuple[ImageList, ImageList]:
         images, labels = read_idx(paths[0]), read_idx(paths[1])  # type: ignore[arg-type]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{paths[0]} and {paths[1]} do not match; fetch them again")
-        source = ArraySource(images, name=f"fashion-mnist/{split}")
+        name = f"fashion-mnist/{split}"
+        if negatives:
+            neg = negative_mask(len(labels), split)
+            images = np.where(neg[:, None, None], 255 - images, images)
+            labels = np.where(neg, (labels + NEGATIVES_LABEL_SHIFT) % 10, labels)
+            name = f"fashion-mnist-negatives/{split}"
+        source = ArraySource(images, name=name)
         out.append(
             ImageList(
                 source, [(i, int(t)) for i, t in enumerate(labels)], list(FashionMNIST.classes)
@@ -109,11 +143,22 @@ def _present(root: Path) -> bool:
     return True
 
 
+_LAYOUT = "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (or FashionMNIST/raw/)"
 SPEC = register(
     DatasetSpec(
         name="fashion-mnist",
         load=load,
-        layout="{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (or FashionMNIST/raw/)",
+        layout=_LAYOUT,
+        resources=RESOURCES,
+        default_root=default_root,
+        is_present=_present,
+    )
+)
+NEGATIVES_SPEC = register(
+    DatasetSpec(
+        name="fashion-mnist-negatives",
+        load=load_negatives,
+        layout=_LAYOUT,
         resources=RESOURCES,
         default_root=default_root,
         is_present=_present,
