@@ -64,14 +64,14 @@ class DemoConfig:
     pretrain: str | None = "fashion-mnist"
     pretrain_root: str | None = None
     pretrain_epochs: int = 3
-    pretrain_per_class: int = 600
+    pretrain_per_class: int = 500
     pretrain_lr: float = 0.05
     dataset: str = "fashion-mnist-negatives"
     data_root: str | None = None
     methods: list[str] = field(default_factory=lambda: ["finetune", "adafilter"])
-    epochs: int = 10
-    milestones: list[int] = field(default_factory=lambda: [8])
-    resolution: int = 32
+    epochs: int = 9
+    milestones: list[int] = field(default_factory=lambda: [7])
+    resolution: int = 28
     batch_size: int = 32
     subset_per_class: int = 80
     seed: int = 0
