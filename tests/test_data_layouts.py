@@ -405,7 +405,7 @@ def test_unreadable_image_reported_by_check(tmp_path: Path) -> None:
 def test_no_root_and_unknown_name() -> None:
     with pytest.raises(DataError) as exc:
         check_data_root("stanford-dogs", None)
-    assert "--data-root" in one_line(exc)
+    assert "data_root=" in one_line(exc)
     with pytest.raises(AdaFilterError) as exc:
         check_data_root("imagenet-21k", "/tmp")
     assert "choose one of" in one_line(exc)
@@ -451,4 +451,4 @@ def test_default_root_is_the_cache_directory_and_missing_names_path_and_fix(
         build_datasets("omniglot-small", None, resolution=8)
     msg = str(exc.value)
     assert "\n" not in msg
-    assert str(empty_adafilter_home / "data" / "omniglot-small") in msg and "--download" in msg
+    assert str(empty_adafilter_home / "data" / "omniglot-small") in msg and "download=True" in msg

@@ -68,7 +68,7 @@ EXPORT_FORMAT = "adafilter-export"
 EXPORT_VERSION = 1
 ExportFormat = Literal["auto", "safetensors", "torch"]
 _RUN_FIX = (
-    "pass a run directory (the --out of `adafilter train`), its checkpoint.pt or a file "
+    "pass a run directory (the out= of `adafilter train`), its checkpoint.pt or a file "
     "written by `adafilter export`"
 )
 
@@ -576,7 +576,7 @@ def export_run(
     to = Path(to).expanduser()
     if to.suffix.lower() == ".json" or to.is_dir():
         raise AdaFilterError(
-            f"--to {str(to)!r} must name the weights file (e.g. model.safetensors or model.pt); "
+            f"to={str(to)!r} must name the weights file (e.g. model.safetensors or model.pt); "
             "its metadata goes next to it as JSON"
         )
     fmt = _export_format(format)
@@ -609,8 +609,8 @@ def _export_format(format: str) -> str:
         return "safetensors" if have else "torch"
     if format == "safetensors" and not have:
         raise AdaFilterError(
-            "--format safetensors needs the safetensors package; pip install safetensors "
-            "or use --format torch"
+            "format=safetensors needs the safetensors package; pip install safetensors "
+            "or use format=torch"
         )
     if format not in ("safetensors", "torch"):
         raise AdaFilterError(f"unknown export format {format!r}; use auto, safetensors or torch")
@@ -691,7 +691,7 @@ def export_program(
         raise AdaFilterError(
             f"a {loaded.method} model draws its policies from a host random generator on every "
             "call and cannot be exported as a program; use `adafilter export` without "
-            "--program and adafilter.load"
+            "program= and adafilter.load"
         )
     deploy = _deploy_copy(model)
     r = loaded.resolution

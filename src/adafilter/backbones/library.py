@@ -115,7 +115,7 @@ def _timm_load_pretrained(model: str, cfg: Mapping[str, Any]) -> tuple[nn.Module
     url = _timm_hub_url(cfg)
     if url is None:
         raise CheckpointError(
-            f"timm model {model!r} has no pretrained weights; pass --weights FILE"
+            f"timm model {model!r} has no pretrained weights; pass weights=FILE"
         )
     cached = _timm_cached(cfg)
     overlay = None
@@ -127,7 +127,7 @@ def _timm_load_pretrained(model: str, cfg: Mapping[str, Any]) -> tuple[nn.Module
         net = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # hub, file and state_dict errors of any kind
         raise CheckpointError(
-            f"cannot load {what} ({_one_line(exc, 120)}); pass --weights FILE"
+            f"cannot load {what} ({_one_line(exc, 120)}); pass weights=FILE"
         ) from None
     tag = f".{cfg['tag']}" if cfg.get("tag") else ""
     return net, f"timm {model}{tag} ({cached or cfg.get('hf_hub_id') or url})"
@@ -177,7 +177,7 @@ def _tv_load_pretrained(model: str) -> tuple[nn.Module, str]:
     weights = _tv_weights(model)
     if weights is None:
         raise CheckpointError(
-            f"torchvision model {model!r} has no pretrained weights; pass --weights FILE"
+            f"torchvision model {model!r} has no pretrained weights; pass weights=FILE"
         )
     cached = _tv_cache_path(weights)
     if not cached.is_file():
@@ -187,7 +187,7 @@ def _tv_load_pretrained(model: str) -> tuple[nn.Module, str]:
     except Exception as exc:  # download, hash and state_dict errors of any kind
         raise CheckpointError(
             f"cannot load torchvision weights {weights} ({_one_line(exc, 120)}); "
-            "pass --weights FILE"
+            "pass weights=FILE"
         ) from None
     return net, f"torchvision {weights} ({cached})"
 

@@ -78,7 +78,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(
-            f"weights file {p} does not exist; pass an existing state_dict file (--weights FILE)"
+            f"weights file {p} does not exist; pass an existing state_dict file (weights=FILE)"
         )
     if not p.is_file():
         raise CheckpointError(f"weights path {p} is not a file; pass a state_dict file")

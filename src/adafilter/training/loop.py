@@ -151,7 +151,7 @@ def train_one_epoch(
         if not math.isfinite(total.item()):
             raise AdaFilterError(
                 f"training diverged at epoch {epoch} step {step} (loss {total.item()}); "
-                "lower --lr/--gate-lr or use --amp off"
+                "lower lr=/gate_lr= or use amp=off"
             )
         _step(total, optimizer, scaler=scaler, after_backward=after_backward)
         n = labels.shape[0]
