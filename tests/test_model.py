@@ -275,14 +275,14 @@ def test_gate_logits_receive_gradient_of_binary_policy():
             seen["g"] = g
         return g
 
-    import adafilter.model as model_mod
+    import adafilter.tuner.policies as policies_mod
 
-    model_mod.binarize = spy
+    policies_mod.binarize = spy
     try:
         out = model(torch.randn(4, 3, 32, 32))
         out.square().sum().backward()
     finally:
-        model_mod.binarize = orig
+        policies_mod.binarize = orig
         h.remove()
     assert torch.equal(captured["logits"].grad, seen["g"].grad)
     assert seen["g"].grad.abs().sum() > 0
