@@ -52,8 +52,10 @@ class AdaFilterConfig:
         random_p: Probability of choosing the fine-tuned filter in ``random`` policy mode.
         fast_eval: Use the single-conv inference path in eval mode (BN folded into the
             filters, each filter computed once). ``False`` runs the dual path F and S.
-        cnn_gate_backbone: Name of the CNN used when ``gate == "cnn"`` (resolved by the
-            caller; :func:`adafilter.wrap` takes the built network).
+        cnn_gate_backbone: Registered backbone of the CNN gate (``gate == "cnn"``): what
+            :func:`adafilter.wrap` builds, randomly initialised, when it is given no
+            ``gate_network`` (training passes the built ``TrainConfig.gate_backbone`` with its
+            weights).
     """
 
     target_modules: list[str] | None = None

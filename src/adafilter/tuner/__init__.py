@@ -13,6 +13,7 @@ The layers themselves (:mod:`adafilter.layers`) know nothing of models.
 from .model import (
     AdaFilterModel,
     build_gate,
+    default_gate_network,
     log_param_groups,
     mark_trainable,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "SkippedConv",
     "build_gate",
     "conv_execution_order",
+    "default_gate_network",
     "find_conv_bn_pairs",
     "log_param_groups",
     "mark_trainable",

@@ -23,6 +23,7 @@ logger = logging.getLogger("adafilter")
 __all__ = [
     "AdaFilterModel",
     "build_gate",
+    "default_gate_network",
     "log_param_groups",
     "mark_trainable",
 ]
@@ -39,7 +40,8 @@ class AdaFilterModel(nn.Module):
         config: What to gate and how.
         pairs: ``(conv_name, bn_name)`` to gate, in execution order; the BN may be any
             gateable :data:`NORM_KINDS` entry (e.g. timm's ``BatchNormAct2d``).
-        gate_network: For ``config.gate == "cnn"``: ``(features, feature_dim)``.
+        gate_network: For ``config.gate == "cnn"``: ``(features, feature_dim)``; default
+            ``config.cnn_gate_backbone``, randomly initialised.
         summary: What :func:`plan_gating` found (returned by :meth:`gating_summary`);
             default: the gated pairs only.
     """
@@ -277,8 +279,8 @@ def build_gate(
         config: The model's options.
         in_channels: Input channels of each gated conv, in execution order.
         out_channels: Filters of each gated conv, in execution order.
-        gate_network: ``(features, feature_dim)`` of a CNN gate; default a randomly
-            initialised torchvision ResNet-18 trunk.
+        gate_network: ``(features, feature_dim)`` of a CNN gate; default
+            :func:`default_gate_network`.
 
     Returns:
         A :class:`RecurrentGate` (``"lstm"``) or a :class:`CNNGate` (``"cnn"``).
@@ -292,14 +294,20 @@ def build_gate(
             bias_init=config.gate_bias_init,
             detach_input=not config.gate_input_grad,
         )
-    features, dim = gate_network if gate_network is not None else _default_cnn_gate()
+    features, dim = gate_network if gate_network is not None else default_gate_network(config)
     return CNNGate(features, dim, out_channels, bias_init=config.gate_bias_init)
 
 
-def _default_cnn_gate() -> tuple[nn.Module, int]:
-    from torchvision.models import resnet18
+def default_gate_network(config: AdaFilterConfig) -> tuple[nn.Module, int]:
+    """``config.cnn_gate_backbone`` as a randomly initialised feature extractor.
 
-    net = resnet18(weights=None)
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, dim
+    Returns:
+        ``(features, feature_dim)``: the registered backbone with its classifier replaced by
+        ``nn.Identity``.
+
+    Raises:
+        AdaFilterError: ``cnn_gate_backbone`` is not a registered backbone.
+    """
+    from ..backbones import build_feature_extractor
+
+    return build_feature_extractor(config.cnn_gate_backbone)

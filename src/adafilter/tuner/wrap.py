@@ -36,8 +36,8 @@ def wrap(
         config: Options; defaults to :class:`AdaFilterConfig`'s defaults (the paper's method).
         example_input: A batch the model accepts, used once to trace conv->BN pairs;
             default ``torch.zeros(1, 3, 64, 64)``.
-        gate_network: ``(features, feature_dim)`` for ``config.gate == "cnn"``; default a
-            randomly initialised torchvision ResNet-18 trunk.
+        gate_network: ``(features, feature_dim)`` for ``config.gate == "cnn"``; default
+            ``config.cnn_gate_backbone`` (ResNet-18), randomly initialised.
 
     Returns:
         The wrapped model. At initialisation its outputs equal the original model's in every
