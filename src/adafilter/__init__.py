@@ -1,8 +1,10 @@
 """AdaFilter: adaptive filter fine-tuning for deep transfer learning (Guo et al., AAAI 2020)."""
 
+# inference, model: re-exports of deploy/ and tuner/ (``adafilter.inference.load`` still works)
+from . import inference, model  # noqa: F401
 from .config import AdaFilterConfig
+from .deploy import LoadedRun, load
 from .errors import AdaFilterError, CheckpointError, DataError
-from .inference import LoadedRun, load
 from .layers.gate import CNNGate, RecurrentGate, binarize
 from .layers.gated_bn import gated_batch_norm
 from .layers.gated_conv import GatedConv2dBN

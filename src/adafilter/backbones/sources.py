@@ -19,8 +19,8 @@ import torchvision
 
 from ..errors import AdaFilterError, CheckpointError
 from ..utils import download as dl
+from ..utils.text import one_line
 from .registry import BACKBONES
-from .weights import _one_line
 
 # torchvision backbones -> classifier input features.
 TORCHVISION_DIMS = {
@@ -74,7 +74,7 @@ def _download(url: str, dst: Path, timeout: float | None = None) -> None:
         )
     except (OSError, AdaFilterError) as exc:
         raise CheckpointError(
-            f"cannot download {url} ({_one_line(exc, 100)}); offline? fetch the file elsewhere "
+            f"cannot download {url} ({one_line(exc, 100)}); offline? fetch the file elsewhere "
             f"and pass weights=FILE, or copy it to {dst}"
         ) from None
 
@@ -132,7 +132,7 @@ def cifar_download(depth: int) -> Callable[[], Path]:
             dl.probe_url(dl.resource_url(res), DOWNLOAD_TIMEOUT_S)
         except OSError as exc:
             raise CheckpointError(
-                f"cannot download {res.url} ({_one_line(exc, 100)}); offline? fetch it "
+                f"cannot download {res.url} ({one_line(exc, 100)}); offline? fetch it "
                 f"elsewhere and copy it to {path}, or pass weights=FILE"
             ) from None
         return dl.download_file(
@@ -161,7 +161,7 @@ def require_reachable(url: str, what: str) -> None:
     except OSError as exc:
         raise CheckpointError(
             f"cannot download {what} from {urllib.parse.urlparse(url).hostname} "
-            f"({_one_line(exc, 100)}); offline? "
+            f"({one_line(exc, 100)}); offline? "
             "load them once online (the library caches them) or pass weights=FILE"
         ) from None
 

@@ -438,7 +438,7 @@ def evaluate_checkpoint(
         "images", "recorded_test_acc"}`` (and ``"dropped"`` when unreadable images were left
         out).
     """
-    from ..inference import rebuild_model  # the one place that rebuilds a saved model
+    from ..deploy import rebuild_model  # the one place that rebuilds a saved model
 
     path = Path(path)
     ckpt = load_checkpoint(path)
