@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from paths import repo_relative
 from torch import nn
 
 from adafilter import AdaFilterConfig, AdaFilterModel, wrap
@@ -545,7 +546,7 @@ def main() -> None:
             for c in args.trained_run
             for b in (1, 32)
         ]
-    text = json.dumps(result, indent=2)
+    text = json.dumps(repo_relative(result), indent=2)
     print(text)
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
