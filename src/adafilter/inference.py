@@ -3,30 +3,5 @@
 ``from adafilter.inference import load, export_run, ...`` keeps working.
 """
 
-from .deploy import (
-    EXPORT_FORMAT,
-    FileResult,
-    LoadedRun,
-    Prediction,
-    RebuiltModel,
-    export_program,
-    export_run,
-    find_images,
-    load,
-    rebuild_model,
-    save_policy_chart,
-)
-
-__all__ = [
-    "EXPORT_FORMAT",
-    "FileResult",
-    "LoadedRun",
-    "Prediction",
-    "RebuiltModel",
-    "export_program",
-    "export_run",
-    "find_images",
-    "load",
-    "rebuild_model",
-    "save_policy_chart",
-]
+from .deploy import *  # noqa: F403
+from .deploy import __all__  # noqa: F401

@@ -3,36 +3,5 @@
 ``from adafilter.model import wrap, AdaFilterModel, plan_gating, ...`` keeps working.
 """
 
-from .tuner import (
-    NORM_KINDS,
-    AdaFilterModel,
-    GatedPair,
-    GatingSummary,
-    NormActTail,
-    NormKind,
-    SkippedConv,
-    conv_execution_order,
-    find_conv_bn_pairs,
-    log_param_groups,
-    mark_trainable,
-    norm_kind,
-    plan_gating,
-    wrap,
-)
-
-__all__ = [
-    "NORM_KINDS",
-    "AdaFilterModel",
-    "GatedPair",
-    "GatingSummary",
-    "NormActTail",
-    "NormKind",
-    "SkippedConv",
-    "conv_execution_order",
-    "find_conv_bn_pairs",
-    "log_param_groups",
-    "mark_trainable",
-    "norm_kind",
-    "plan_gating",
-    "wrap",
-]
+from .tuner import *  # noqa: F403
+from .tuner import __all__  # noqa: F401
