@@ -34,6 +34,12 @@ class ForwardPolicies:
             self.cnn_logits = owner.gate(image)
 
     def policy(self, index: int, x: Tensor) -> Tensor:
+        """Gated layer ``index``'s decisions for its input ``x`` (B, C_in, H, W).
+
+        Returns:
+            ``(B, C_out)``: 1/True = the fine-tuned filter F, 0/False = the pretrained S
+            (floats; bools for learned policies outside training without gradients).
+        """
         owner = self.owner
         b, c = x.shape[0], owner.layer_out_channels[index]
         mode = owner.policy_mode
