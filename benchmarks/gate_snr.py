@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from paths import stored_path
 
 from adafilter.engine import run_datasets
 from adafilter.inference import load
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REPO = RESULTS.parent.parent
 
 
 def _share_significant(x: torch.Tensor, level: float) -> float:
@@ -56,9 +56,8 @@ def measure(run_dir: str, *, passes: int, seed: int = 0) -> dict[str, Any]:
     n = b.shape[0]
     per_layer = torch.stack([c.sum(1) for c in b.split([h.bias.numel() for h in heads], 1)], 1)
     t_layer = per_layer.mean(0) / (per_layer.std(0) / n**0.5)
-    path = Path(run_dir).resolve()
     return {
-        "run": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(run_dir),
+        "run": stored_path(str(Path(run_dir).resolve())),
         "batches": n,
         "filters": b.shape[1],
         "bias_share_abs_t_gt_2": _share_significant(b, 2.0),

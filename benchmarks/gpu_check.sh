@@ -11,9 +11,9 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 status=0
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py \
-  "tests/test_distributed.py::test_torchrun_two_processes[cuda]" \
-  tests/test_kernels.py::test_kernels_match_eager_on_cuda 2>&1 | tee "$OUT/pytest.log" | tail -15 || status=1
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/unit/test_devices.py \
+  "tests/integration/test_distributed.py::test_torchrun_two_processes[cuda]" \
+  tests/unit/test_kernels.py::test_kernels_match_eager_on_cuda 2>&1 | tee "$OUT/pytest.log" | tail -15 || status=1
 timeout 300 python3 benchmarks/speed.py --device cuda --reps "${REPS:-20}" > "$OUT/speed.log" 2>&1 || status=1
 tail -3 "$OUT/speed.log"
 # eager vs torch.compile (default and reduce-overhead = CUDA graphs), graph breaks (issue 14)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from paths import repo_relative
 from torch import nn
 
 from adafilter import AdaFilterConfig, AdaFilterModel, wrap
@@ -445,7 +446,7 @@ def _make_trained_like(model: AdaFilterModel) -> None:
             head.weight.mul_(4.0)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions")
@@ -465,24 +466,13 @@ def main() -> None:
         help="arch,resolution,batch of the compile rows (default resnet18,64,8; quick 32)",
     )
     ap.add_argument("--memory-child", nargs=5, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.memory_child:
-        a, r, b, m, d = args.memory_child
-        _memory_child(a, int(r), int(b), m, d)
-        return
-    device = torch.device(args.device)
-    only = set(args.only.split(","))
-    big = ("resnet18", 64) if args.quick else ("resnet50", 224)
-    reps = args.reps or (3 if args.quick else 7)
-    result: dict = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "cpu": _cpu_model(),
-        "quick": args.quick,
-    }
-    if device.type == "cuda":
-        result["gpu"] = torch.cuda.get_device_name()
+    return ap.parse_args()
+
+
+def _training_rows(
+    result: dict, only: set[str], big: tuple[str, int], reps: int, device: torch.device
+) -> None:
+    """The ``train``, ``train_cuda_graphs`` and ``memory`` rows ``only`` asks for."""
     if "train" in only:
         big_batch = 8 if device.type == "cpu" else 64
         result["train"] = [
@@ -512,6 +502,17 @@ def main() -> None:
             bench_memory(*big, 8 if device.type == "cpu" else 64, device),
             bench_memory("resnet18", 64, 32, device),
         ]
+
+
+def _inference_rows(
+    result: dict,
+    only: set[str],
+    big: tuple[str, int],
+    reps: int,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> None:
+    """The ``eval_batch1``, ``eval_batch32``, compile and trained-run rows ``only`` asks for."""
     if "eval1" in only:
         result["eval_batch1"] = bench_eval(
             *big, 1, reps * 3, device, args.checkpoint, "trained-like"
@@ -545,18 +546,46 @@ def main() -> None:
             for c in args.trained_run
             for b in (1, 32)
         ]
-    text = json.dumps(result, indent=2)
+
+
+def _save(text: str, *, quick: bool, only: set[str], device: torch.device) -> None:
+    """Write the result to ``benchmarks/results/speed-*.json`` (atomically)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "speed-quick.json" if quick else f"speed-{device.type}.json"
+    if only == {"trained"}:  # --only trained --trained-run ...: its own file
+        name = f"speed-{device.type}-trained-runs.json"
+    if only == {"compile"}:  # --only compile: its own file
+        name = f"speed-{device.type}-compile{'-quick' if quick else ''}.json"
+    tmp = RESULTS / (name + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, RESULTS / name)
+
+
+def main() -> None:
+    args = _parse_args()
+    if args.memory_child:
+        a, r, b, m, d = args.memory_child
+        _memory_child(a, int(r), int(b), m, d)
+        return
+    device = torch.device(args.device)
+    only = set(args.only.split(","))
+    big = ("resnet18", 64) if args.quick else ("resnet50", 224)
+    reps = args.reps or (3 if args.quick else 7)
+    result: dict = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "quick": args.quick,
+    }
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    _training_rows(result, only, big, reps, device)
+    _inference_rows(result, only, big, reps, device, args)
+    text = json.dumps(repo_relative(result), indent=2)
     print(text)
     if not args.no_save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        name = "speed-quick.json" if args.quick else f"speed-{device.type}.json"
-        if only == {"trained"}:  # --only trained --trained-run ...: its own file
-            name = f"speed-{device.type}-trained-runs.json"
-        if only == {"compile"}:  # --only compile: its own file
-            name = f"speed-{device.type}-compile{'-quick' if args.quick else ''}.json"
-        tmp = RESULTS / (name + ".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, RESULTS / name)
+        _save(text, quick=args.quick, only=only, device=device)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from paths import relativize_json_file, repo_relative
 
 from adafilter.engine import fit
 from adafilter.train_config import PRESETS, TrainConfig
@@ -276,6 +277,8 @@ def main() -> None:
                 **fields,
             )
             s = fit(cfg)
+            for name in ("config.json", "summary.json"):  # committed: no machine paths
+                relativize_json_file(out / name)
             print(
                 json.dumps(
                     {
@@ -292,7 +295,7 @@ def main() -> None:
     result = summarise(args.study, runs)
     path = RESULTS / f"{args.study}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.write_text(json.dumps(repo_relative(result), indent=1) + "\n")
     os.replace(tmp, path)
     json.dump({g: v["final_test_acc"] for g, v in result["groups"].items()}, sys.stdout)
     print()

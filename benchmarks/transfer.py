@@ -79,7 +79,7 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setting", choices=sorted(SETTINGS), required=True)
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -95,13 +95,22 @@ def main() -> None:
         "--report-only", action="store_true", help="train nothing; report the completed runs found"
     )
     ap.add_argument("--out", default=str(RESULTS / "transfer"))
-    args = ap.parse_args()
-    s = dict(SETTINGS[args.setting])
-    if args.epochs:
-        s["epochs"] = args.epochs
-    root = Path(args.out) / args.setting
+    return ap.parse_args()
+
+
+def _completed(folder: Path, epochs: int) -> list[dict]:
+    """The summaries of the completed runs in ``folder`` trained for ``epochs`` epochs."""
+    found = []
+    for done in sorted(folder.glob("*/summary.json")):
+        prev = json.loads(done.read_text())
+        if prev.get("completed") and prev.get("epochs") == epochs:
+            found.append(prev)
+    return found
+
+
+def _train(args: argparse.Namespace, s: dict, root: Path) -> list[dict]:
+    """Train (or resume, or skip when complete) every method x seed run; their summaries."""
     summaries = []
-    t0 = time.time()
     for seed in [] if args.report_only else [int(x) for x in args.seeds.split(",")]:
         for method in [m for m in args.methods.split(",") if m]:
             run_dir = root / f"{method}-s{seed}"
@@ -142,14 +151,14 @@ def main() -> None:
                 ),
                 flush=True,
             )
-    if args.no_report:
-        return
+    return summaries
+
+
+def _report(args: argparse.Namespace, s: dict, root: Path, summaries: list[dict]) -> Path:
+    """This setting's report and JSON, then both settings' (``transfer.md``/``.json``)."""
     report_dir = RESULTS / f"transfer-{args.setting}"
     if args.report_only:  # every completed run of this schedule; unfinished ones are left out
-        for done in sorted(root.glob("*/summary.json")):
-            prev = json.loads(done.read_text())
-            if prev.get("completed") and prev.get("epochs") == s["epochs"]:
-                summaries.append(prev)
+        summaries.extend(_completed(root, s["epochs"]))
     runs = sorted({Path(x["config"]["out"]) for x in summaries})
     rep = make_report(runs, report_dir, title=f"Transfer benchmark: {args.setting}")
     _copy_report(rep["report_md"], RESULTS / f"transfer-{args.setting}.md")
@@ -157,10 +166,7 @@ def main() -> None:
     # Both settings in one report: benchmarks/results/transfer.md (+ transfer-all/ figures)
     every = []
     for name, setting in SETTINGS.items():
-        for done in sorted((Path(args.out) / name).glob("*/summary.json")):
-            prev = json.loads(done.read_text())
-            if prev.get("completed") and prev.get("epochs") == setting["epochs"]:
-                every.append(prev)
+        every.extend(_completed(Path(args.out) / name, setting["epochs"]))
     both = make_report(
         sorted({Path(x["config"]["out"]) for x in every}),
         RESULTS / "transfer-all",
@@ -168,13 +174,27 @@ def main() -> None:
     )
     _copy_report(both["report_md"], RESULTS / "transfer.md")
     _write_json(RESULTS / "transfer.json", every)
+    return rep["report_md"]
+
+
+def main() -> None:
+    args = _parse_args()
+    s = dict(SETTINGS[args.setting])
+    if args.epochs:
+        s["epochs"] = args.epochs
+    root = Path(args.out) / args.setting
+    t0 = time.time()
+    summaries = _train(args, s, root)
+    if args.no_report:
+        return
+    report_md = _report(args, s, root, summaries)
     print(
         json.dumps(
             {
                 "setting": args.setting,
                 "runs": len(summaries),
                 "wall_time_s": round(time.time() - t0, 1),
-                "report": str(rep["report_md"]),
+                "report": str(report_md),
             }
         )
     )

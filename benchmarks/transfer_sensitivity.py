@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import torch
+from paths import repo_relative
 
 from adafilter.engine import build_model, build_optimizer, build_param_groups
 from adafilter.train_config import TrainConfig
@@ -94,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     weights = args.weights or (str(CIFAR20) if args.backbone == "cifar-resnet20" else "pretrained")
     result = run(args.backbone, args.resolution, args.steps, args.batch, weights)
-    text = json.dumps(result, indent=1)
+    text = json.dumps(repo_relative(result), indent=1)
     print(text)
     path = RESULTS / f"transfer-sensitivity-{args.backbone}.json"
     tmp = path.with_suffix(".json.tmp")

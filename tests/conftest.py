@@ -1,5 +1,8 @@
 """Shared fixtures. Helpers (argv builders, tiny backbone plugin, BN makers) are in ``helpers.py``.
 
+Layout: ``unit/`` tests one module, layer or function; ``integration/`` runs the engine, the CLI,
+the demo, reports and benchmarks end to end. Both use these fixtures and ``helpers.py``.
+
 Tiers: ``make test`` (CI) runs the default tier; tests marked ``slow`` (subprocess benchmarks,
 the ResNet-50 demo, kill -9 + resume, torchrun, the largest backbone builds) and ``zoo_slow``
 are deselected there and run by ``make test-all``.

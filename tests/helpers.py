@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import importlib
 import json
 import os
+import struct
 import sys
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
@@ -238,3 +240,30 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # simulate a dropped transfer
             return
         self.wfile.write(body)
+
+
+# ------------------------------------------------ Fashion-MNIST IDX files (miniature)
+
+
+def _idx(arr: np.ndarray) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + b"".join(
+        struct.pack(">I", s) for s in arr.shape
+    )
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def make_fashion(folder: Path, n_train: int = 40, n_test: int = 20, gz: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        for stem, arr in (
+            (f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28))),
+            (f"{prefix}-labels-idx1-ubyte", labels),
+        ):
+            data = _idx(np.asarray(arr))
+            if gz:
+                (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / stem).write_bytes(data)
+    return folder

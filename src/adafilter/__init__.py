@@ -1,14 +1,16 @@
 """AdaFilter: adaptive filter fine-tuning for deep transfer learning (Guo et al., AAAI 2020)."""
 
+# inference, model: re-exports of deploy/ and tuner/ (``adafilter.inference.load`` still works)
+from . import inference, model  # noqa: F401
 from .config import AdaFilterConfig
+from .deploy import LoadedRun, load
 from .errors import AdaFilterError, CheckpointError, DataError
-from .inference import LoadedRun, load
 from .layers.gate import CNNGate, RecurrentGate, binarize
 from .layers.gated_bn import gated_batch_norm
 from .layers.gated_conv import GatedConv2dBN
-from .model import AdaFilterModel, find_conv_bn_pairs, mark_trainable, wrap
 from .training.optim import build_optimizer
 from .training.precise_bn import recalibrate_bn
+from .tuner import AdaFilterModel, find_conv_bn_pairs, mark_trainable, wrap
 
 __version__ = "0.1.0"
 

@@ -31,9 +31,7 @@ class AdaFilterConfig:
             sigmoid's derivative.
         gate_bias_init: Initial bias of each policy head. The paper does not give it; 0.0
             (default, also the ``paper`` preset) starts every filter at the threshold, so the
-            first policy gradients decide. Chosen on validation data with the default Adam gate
-            optimizer (see the README's gate diagnosis): 3.0 (start as fine-tuning) and 1.0
-            recovered the known policy less often and learned no slower on real data.
+            first policy gradients decide (how it was chosen: the README's gate diagnosis).
         gate_noise: Scale of logistic noise added to the policy logits in training (the
             binary analogue of SpotTune's Gumbel sampling: exploration of both branches);
             0 (default) is the paper's deterministic threshold. Evaluation never adds noise.
@@ -42,9 +40,8 @@ class AdaFilterConfig:
             pretrained filters S, which a filter leaves only where F lowers the loss by more
             (SpotTune/BlockDrop-style usage cost; not in the paper). 0 (default) = the paper.
         gate_input_grad: Let the gate's gradient flow into the backbone activations it pools.
-            Off by default: with it on, the straight-through gradient fed back through 50+
-            layers grew without bound within 3 epochs (EfficientNet-Lite0 on Fashion-MNIST,
-            gate lr 0.1), see the README. The gate itself always trains.
+            Off by default (with it on, training diverged in the README's runs). The gate
+            itself always trains.
         gated_bn: Two BNs selected by the policy (Eq. 5). ``False`` keeps one standard BN
             after the selection (the paper's Table 3 ablation).
         bn_min_examples: Gated BN uses a branch's batch statistics for channel ``c`` only if
@@ -55,8 +52,10 @@ class AdaFilterConfig:
         random_p: Probability of choosing the fine-tuned filter in ``random`` policy mode.
         fast_eval: Use the single-conv inference path in eval mode (BN folded into the
             filters, each filter computed once). ``False`` runs the dual path F and S.
-        cnn_gate_backbone: Name of the CNN used when ``gate == "cnn"`` (resolved by the
-            caller; :func:`adafilter.wrap` takes the built network).
+        cnn_gate_backbone: Registered backbone of the CNN gate (``gate == "cnn"``): what
+            :func:`adafilter.wrap` builds, randomly initialised, when it is given no
+            ``gate_network`` (training passes the built ``TrainConfig.gate_backbone`` with its
+            weights).
     """
 
     target_modules: list[str] | None = None

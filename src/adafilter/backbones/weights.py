@@ -13,14 +13,10 @@ import torch
 from torch import nn
 
 from ..errors import AdaFilterError, CheckpointError
+from ..utils.text import one_line
 from .registry import BackboneSpec
 
 __all__ = ["KeyDiff", "compare_keys", "load_state_dict_file", "load_weights"]
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _strip_prefixes(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,7 +74,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(
-            f"weights file {p} does not exist; pass an existing state_dict file (--weights FILE)"
+            f"weights file {p} does not exist; pass an existing state_dict file (weights=FILE)"
         )
     if not p.is_file():
         raise CheckpointError(f"weights path {p} is not a file; pass a state_dict file")
@@ -99,7 +95,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     except Exception as exc:  # torch raises RuntimeError/EOFError/KeyError/... for corrupt files
         raise CheckpointError(
             f"cannot read weights file {p}: not a PyTorch weights file "
-            f"({type(exc).__name__}: {_one_line(exc)}); pass a state_dict saved with torch.save"
+            f"({type(exc).__name__}: {one_line(exc)}); pass a state_dict saved with torch.save"
         ) from None
     return _as_state_dict(obj, p)
 

@@ -10,7 +10,9 @@ line (and its import below)::
     def cmd_demo(args: argparse.Namespace) -> int: ...
 
 User errors (:class:`~adafilter.errors.AdaFilterError`, bad flags) are printed as one line
-``adafilter: error: <message>`` on stderr with exit status 2, never a traceback.
+``adafilter: error: <message>`` on stderr with exit status 2, never a traceback; the config
+fields a library message names (``weights=FILE``) are shown as flags (``--weights FILE``, see
+:func:`~adafilter.cli.base.cli_message`).
 
 Extra registrations (custom backbones, datasets, methods) can be loaded with the environment
 variable ``ADAFILTER_PLUGINS=module[,module...]``: each module is imported before parsing.
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 
 from ..errors import AdaFilterError
 from . import data, demo, evaluate, export, predict, report, train  # noqa: F401  (registration)
-from .base import SUBCOMMANDS, Parser, print_error, subcommand
+from .base import SUBCOMMANDS, Parser, cli_message, print_error, subcommand
 from .train import GATE_FIELDS, GATE_FLAGS, train_config_from_args
 
 __all__ = [
@@ -80,8 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SystemExit as e:  # argparse: --help, --version and one-line usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except AdaFilterError as e:
-        print_error(str(e))
+    except AdaFilterError as e:  # the library names config fields; show them as flags
+        print_error(cli_message(str(e)))
         return 2
     except KeyboardInterrupt:
         print("adafilter: interrupted", file=sys.stderr)

@@ -29,7 +29,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("export", "write a run's weights + metadata for deployment", _export_args)
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..inference import export_program, export_run, load
+    from ..deploy import export_program, export_run, load
 
     setup_logging(quiet=True)
     run = load(args.run, device="cpu")

@@ -29,7 +29,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("predict", "classify images with a trained run (top-k classes)", _predict_args)
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..inference import find_images, load, save_policy_chart
+    from ..deploy import find_images, load, save_policy_chart
 
     setup_logging(quiet=True)
     if args.top_k < 1:

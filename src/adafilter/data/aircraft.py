@@ -62,7 +62,7 @@ def load(root: Path, seed: int) -> tuple[ImageList, ImageList]:
             return load_task(root, "aircraft")
         raise DataError(
             f"no {OFFICIAL}/data or Decathlon annotations under {root}; extract "
-            f"{RESOURCES[0].url} there or pass --download"
+            f"{RESOURCES[0].url} there or pass download=True"
         )
     data = parent / OFFICIAL / "data"
     out = []

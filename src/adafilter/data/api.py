@@ -23,7 +23,7 @@ def resolve_root(spec: DatasetSpec, root: str | os.PathLike[str] | None) -> Path
         if default is None:
             hint = f" ({spec.how_to_get})" if spec.how_to_get else ""
             raise DataError(
-                f"{spec.name} has no default data location; pass --data-root DIR holding "
+                f"{spec.name} has no default data location; pass data_root=DIR holding "
                 f"{spec.layout}{hint}"
             )
         return default
@@ -59,10 +59,10 @@ def _load(name: str, root: str | os.PathLike[str] | None, seed: int, download: b
     spec = DATASETS.get(name)
     path = download_dataset(name, root) if download else resolve_root(spec, root)
     if not path.exists():
-        fix = "or fetch it with --download" if spec.resources else ""
+        fix = "or fetch it with download=True" if spec.resources else ""
         fix = f"({spec.how_to_get})" if spec.how_to_get else fix
         raise DataError(
-            f"data root {path} does not exist; point --data-root at a folder holding "
+            f"data root {path} does not exist; point data_root= at a folder holding "
             f"{spec.layout} {fix}".rstrip()
         )
     try:

@@ -21,7 +21,7 @@ from .registry import DatasetSpec, register
 HOW_TO_GET = (
     "Visual Decathlon has no anonymous download: get decathlon-1.0-devkit.tar.gz (annotations) "
     "and decathlon-1.0-data.tar.gz (images) from https://www.robots.ox.ac.uk/~vgg/decathlon/ "
-    "and pass the extracted decathlon-1.0 folder as --data-root"
+    "and pass the extracted decathlon-1.0 folder as data_root="
 )
 
 

@@ -33,7 +33,7 @@ RESOURCES = tuple(
 )
 _FIX = (
     "install the Debian package dataset-fashion-mnist (scripts/fetch-fashion-mnist.sh), "
-    "or pass --download"
+    "or pass download=True"
 )
 
 

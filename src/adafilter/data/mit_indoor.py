@@ -22,7 +22,7 @@ RESOURCES = (
 )
 _FIX = (
     "extract indoorCVPR_09.tar and put TrainImages.txt/TestImages.txt from "
-    "https://web.mit.edu/torralba/www/indoor.html there, or pass --download"
+    "https://web.mit.edu/torralba/www/indoor.html there, or pass download=True"
 )
 
 

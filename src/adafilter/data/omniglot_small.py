@@ -29,13 +29,13 @@ RESOURCES = (
     ),
 )
 _FIX = (
-    f"pass the folder holding {ZIP_NAME} (or the zip, or its extracted folder) as --data-root, "
-    "or pass --download"
+    f"pass the folder holding {ZIP_NAME} (or the zip, or its extracted folder) as data_root=, "
+    "or pass download=True"
 )
 
 
 def default_root() -> Path:
-    """``$ADAFILTER_HOME/data/omniglot-small`` (filled by ``--download``)."""
+    """``$ADAFILTER_HOME/data/omniglot-small`` (filled by ``download=True``)."""
     return cache_dir("data", "omniglot-small")
 
 

@@ -24,7 +24,7 @@ RESOURCES = (
     Resource(f"{_BASE}/images.tar", "images.tar", extract=True),
     Resource(f"{_BASE}/lists.tar", "lists.tar", extract=True),
 )
-_FIX = f"extract images.tar and lists.tar from {_BASE}/ there, or pass --download"
+_FIX = f"extract images.tar and lists.tar from {_BASE}/ there, or pass download=True"
 
 
 def _read_list(path: Path) -> tuple[list[str], list[int]]:

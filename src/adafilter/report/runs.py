@@ -107,7 +107,7 @@ def number(value: Any) -> float | None:
 def _not_a_run_dir(path: Path) -> AdaFilterError:
     return AdaFilterError(
         f"{path} is not a run directory (no summary.json); "
-        "pass the --out folder of `adafilter train`"
+        "pass the out= folder of `adafilter train`"
     )
 
 
@@ -149,14 +149,14 @@ def expand_run_dirs(paths: Iterable[str | Path], *, max_depth: int = 3) -> list[
     given = [Path(p) for p in paths]
     if not given:
         raise AdaFilterError(
-            "no run directories given; pass the --out folder(s) of `adafilter train`"
+            "no run directories given; pass the out= folder(s) of `adafilter train`"
         )
     for path in given:
         if path.is_file() and path.name == "summary.json":
             path = path.parent
         if not path.exists():
             raise AdaFilterError(
-                f"{path} does not exist; pass the --out folder of `adafilter train`"
+                f"{path} does not exist; pass the out= folder of `adafilter train`"
             )
         if (path / "summary.json").is_file():
             found = [path]

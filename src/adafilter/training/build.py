@@ -30,7 +30,7 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise AdaFilterError(f"--device {name} requested but CUDA is not available")
+            raise AdaFilterError(f"device={name} requested but CUDA is not available")
         if env.enabled or name == "cuda":
             index = env.local_rank % torch.cuda.device_count() if env.enabled else 0
             device = torch.device("cuda", index)
@@ -46,7 +46,7 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
 def graphed_forward(
     config: TrainConfig, module: nn.Module, *, device: torch.device, env: DistEnv, method: Method
 ) -> GraphedForward | None:
-    """The CUDA-graph wrapper when ``--cuda-graphs`` applies; otherwise warn why not."""
+    """The CUDA-graph wrapper when ``config.cuda_graphs`` applies; otherwise warn why not."""
     if not config.cuda_graphs:
         return None
     why = None
@@ -57,7 +57,7 @@ def graphed_forward(
     elif not method.graph_capturable:
         why = f"for {method.name} (its policies are drawn on the host every step)"
     if why:
-        logger.warning("--cuda-graphs ignored %s; training eagerly", why)
+        logger.warning("cuda_graphs=True ignored %s; training eagerly", why)
         return None
     return GraphedForward(module)
 
@@ -74,10 +74,10 @@ def compiled_model(config: TrainConfig, model: nn.Module, graphed: Any) -> nn.Mo
     known = torch._dynamo.list_backends(exclude_tags=())
     if config.compile_backend not in known:
         raise AdaFilterError(
-            f"unknown --compile-backend {config.compile_backend!r}; use one of {', '.join(known)}"
+            f"unknown compile_backend={config.compile_backend!r}; use one of {', '.join(known)}"
         )
     if graphed is not None:
-        logger.warning("--cuda-graphs ignored with --compile")
+        logger.warning("cuda_graphs=True ignored with compile=True")
     return torch.compile(model, backend=config.compile_backend)
 
 
@@ -85,7 +85,7 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off":
         return None
     if device.type != "cuda":
-        logger.warning("--amp %s ignored on %s (autocast is used on CUDA only)", amp, device)
+        logger.warning("amp=%s ignored on %s (autocast is used on CUDA only)", amp, device)
         return None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 

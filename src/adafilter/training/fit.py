@@ -80,7 +80,7 @@ def fit(config: TrainConfig, *, on_step: StepCallback | None = None) -> dict[str
     if method.uses_gate_backbone:
         BACKBONES.get(config.gate_backbone)
     if not config.out:
-        raise AdaFilterError("missing --out (the run's output directory)")
+        raise AdaFilterError("missing out= (the run's output directory)")
     run_dir = RunDir(config.out)
     ckpt = run_dir.open(config)
     splits = run_splits(config)
@@ -196,7 +196,7 @@ class Trainer:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=self.method.find_unused_parameters,
             )
-        if config.compile:  # --compile (issue 14): evaluation stays eager
+        if config.compile:  # config.compile (issue 14): evaluation stays eager
             self.model, self.graphed = compiled_model(config, self.model, self.graphed), None
         self.batch = max(1, config.batch_size // env.world_size)
         if config.batch_size % env.world_size:
@@ -315,7 +315,7 @@ class Trainer:
         )
 
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
-        """Everything ``--resume`` needs to continue after ``epoch`` (weights-only loadable)."""
+        """Everything ``resume=True`` needs to continue after ``epoch`` (weights-only loadable)."""
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -438,7 +438,7 @@ def evaluate_checkpoint(
         "images", "recorded_test_acc"}`` (and ``"dropped"`` when unreadable images were left
         out).
     """
-    from ..inference import rebuild_model  # the one place that rebuilds a saved model
+    from ..deploy import rebuild_model  # the one place that rebuilds a saved model
 
     path = Path(path)
     ckpt = load_checkpoint(path)

@@ -151,22 +151,31 @@ def train_one_epoch(
         if not math.isfinite(total.item()):
             raise AdaFilterError(
                 f"training diverged at epoch {epoch} step {step} (loss {total.item()}); "
-                "lower --lr/--gate-lr or use --amp off"
+                "lower lr=/gate_lr= or use amp=off"
             )
         _step(total, optimizer, scaler=scaler, after_backward=after_backward)
-        n = labels.shape[0]
-        sums += torch.stack(
-            [
-                loss.detach().double() * n,
-                (logits.detach().argmax(1) == labels).sum().double(),
-                torch.tensor(float(n), dtype=torch.float64, device=device),
-            ]
-        )
+        sums += _batch_sums(loss, logits, labels)
         if on_step is not None:
             on_step(epoch, step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    return _epoch_stats(sums, steps=step, seconds=time.perf_counter() - start, env=env)
+
+
+def _batch_sums(loss: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    """``[loss * n, correct, n]`` of one batch (float64, on the batch's device)."""
+    n = labels.shape[0]
+    return torch.stack(
+        [
+            loss.detach().double() * n,
+            (logits.detach().argmax(1) == labels).sum().double(),
+            torch.tensor(float(n), dtype=torch.float64, device=labels.device),
+        ]
+    )
+
+
+def _epoch_stats(sums: Tensor, *, steps: int, seconds: float, env: DistEnv) -> dict[str, float]:
+    """The epoch's mean loss, accuracy and throughput over all ranks (``sums`` reduced here)."""
     all_reduce_sum(sums, env)
     loss_sum, correct, count = sums.tolist()
     count = max(count, 1.0)
@@ -174,7 +183,7 @@ def train_one_epoch(
         "loss": loss_sum / count,
         "acc": 100.0 * correct / count,
         "images": int(count),
-        "steps": step,
+        "steps": steps,
         "seconds": seconds,
         "images_per_second": count / max(seconds, 1e-9),
     }

@@ -103,7 +103,7 @@ def build_param_groups(
     Returns:
         ``[{"name", "params", "lr", "weight_decay"}, ...]``, empty groups dropped.
     """
-    from ..model import log_param_groups
+    from ..tuner import log_param_groups
 
     groups = prepared.method.param_groups(
         prepared, lr=lr, gate_lr=gate_lr, weight_decay=weight_decay

@@ -1,7 +1,7 @@
 """The run directory: every file a run writes, and the checks before it writes any.
 
 ``config.json`` (at the start), then after every epoch, checkpoint first so the result files
-never get ahead of what ``--resume`` restores: ``checkpoint.pt``, ``metrics.jsonl``,
+never get ahead of what ``resume=True`` restores: ``checkpoint.pt``, ``metrics.jsonl``,
 ``policy.json`` (methods with policies) and ``summary.json``; all through the one atomic writer.
 """
 
@@ -61,8 +61,8 @@ class RunDir:
             self.checkpoint.exists() or (self.path / "metrics.jsonl").exists()
         ):
             raise AdaFilterError(
-                f"output directory {str(self.path)!r} already holds a run; pass --resume to "
-                "continue it or choose another --out"
+                f"output directory {str(self.path)!r} already holds a run; pass resume=True to "
+                "continue it or choose another out="
             )
         return None
 
@@ -105,7 +105,7 @@ def check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None:
         if key in old and old[key] != getattr(config, key):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is from another run: {key} {old[key]!r} there, "
-                f"{getattr(config, key)!r} now; use another --out or the same options"
+                f"{getattr(config, key)!r} now; use another out= or the same options"
             )
 
 

@@ -8,7 +8,7 @@ dependency. ``base_url`` (or the ``ADAFILTER_DOWNLOAD_BASE`` environment variabl
 every resource's URL directory, for mirrors and for tests against a local server.
 
 Defaults live in one cache directory, :func:`cache_dir` (``$ADAFILTER_HOME``, default
-``~/.cache/adafilter``): ``weights/`` and ``data/<dataset>/``, filled by ``--download``.
+``~/.cache/adafilter``): ``weights/`` and ``data/<dataset>/``, filled by ``download=True``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ _CHUNK = 1 << 20
 def cache_dir(*parts: str) -> Path:
     """``$ADAFILTER_HOME/<parts>`` (default ``~/.cache/adafilter``): where defaults live.
 
-    Nothing is created here; ``--download`` fills it, and a missing file is an error that names
+    Nothing is created here; ``download=True`` fills it, and a missing file is an error that names
     this path.
     """
     home = os.environ.get(HOME_ENV) or os.path.join("~", ".cache", "adafilter")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from adafilter.data import fashion_mnist as fm
-from test_data_layouts import make_fashion
+from helpers import make_fashion
 
 
 def test_negatives_invert_and_relabel_a_fixed_half(tmp_path: Path) -> None:

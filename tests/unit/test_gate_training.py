@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import adafilter
-import adafilter.model as model_module
+import adafilter.tuner.policies as policies_module
 from adafilter.engine import build_scheduler
 from adafilter.train_config import TrainConfig
 from adafilter.training.known_policy import (
@@ -173,7 +173,7 @@ def test_known_policy_is_recovered_at_default_settings(
 ) -> None:
     """Source images to S, shifted ones to F, in some layer (fails with a frozen/cut gate)."""
     if cut == "no-gradient":
-        monkeypatch.setattr(model_module, "binarize", _no_gradient_binarize)
+        monkeypatch.setattr(policies_module, "binarize", _no_gradient_binarize)
     res = _known_policy_run(steps=600, cut=cut)
     split = res.get("f_shifted", 0.0) - res.get("f_source", 0.0)
     # A gate at bias 0 already routes the two kinds a little differently before any training

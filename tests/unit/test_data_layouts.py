@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
-import struct
 import zipfile
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from PIL import Image
 
 from adafilter.data import DATASETS, build_datasets, check_data_root
 from adafilter.errors import AdaFilterError, DataError
+from helpers import make_fashion
 
 
 def _jpeg_bytes(value: int = 128) -> bytes:
@@ -313,30 +312,6 @@ def test_omniglot_small_real_zip(shared_home: Path) -> None:
 # ---------------------------------------------------------------- fashion-mnist
 
 
-def _idx(arr: np.ndarray) -> bytes:
-    header = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + b"".join(
-        struct.pack(">I", s) for s in arr.shape
-    )
-    return header + arr.astype(np.uint8).tobytes()
-
-
-def make_fashion(folder: Path, n_train: int = 40, n_test: int = 20, gz: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
-        for stem, arr in (
-            (f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28))),
-            (f"{prefix}-labels-idx1-ubyte", labels),
-        ):
-            data = _idx(np.asarray(arr))
-            if gz:
-                (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
-            else:
-                (folder / stem).write_bytes(data)
-    return folder
-
-
 def test_fashion_mnist_layouts_and_subset(tmp_path: Path) -> None:
     make_fashion(tmp_path / "debian")  # flat .gz files, like /usr/share/datasets/fashion-mnist
     train, ev, info = build_datasets("fashion-mnist", tmp_path / "debian", resolution=32)
@@ -405,7 +380,7 @@ def test_unreadable_image_reported_by_check(tmp_path: Path) -> None:
 def test_no_root_and_unknown_name() -> None:
     with pytest.raises(DataError) as exc:
         check_data_root("stanford-dogs", None)
-    assert "--data-root" in one_line(exc)
+    assert "data_root=" in one_line(exc)
     with pytest.raises(AdaFilterError) as exc:
         check_data_root("imagenet-21k", "/tmp")
     assert "choose one of" in one_line(exc)
@@ -451,4 +426,4 @@ def test_default_root_is_the_cache_directory_and_missing_names_path_and_fix(
         build_datasets("omniglot-small", None, resolution=8)
     msg = str(exc.value)
     assert "\n" not in msg
-    assert str(empty_adafilter_home / "data" / "omniglot-small") in msg and "--download" in msg
+    assert str(empty_adafilter_home / "data" / "omniglot-small") in msg and "download=True" in msg

@@ -10,7 +10,14 @@ import torch
 import torchvision
 from torch import nn
 
-from adafilter import AdaFilterConfig, AdaFilterModel, GatedConv2dBN, binarize, wrap
+from adafilter import (
+    AdaFilterConfig,
+    AdaFilterError,
+    AdaFilterModel,
+    GatedConv2dBN,
+    binarize,
+    wrap,
+)
 from adafilter.layers.gate import RecurrentGate
 from helpers import perturb_bn
 
@@ -275,14 +282,14 @@ def test_gate_logits_receive_gradient_of_binary_policy():
             seen["g"] = g
         return g
 
-    import adafilter.model as model_mod
+    import adafilter.tuner.policies as policies_mod
 
-    model_mod.binarize = spy
+    policies_mod.binarize = spy
     try:
         out = model(torch.randn(4, 3, 32, 32))
         out.square().sum().backward()
     finally:
-        model_mod.binarize = orig
+        policies_mod.binarize = orig
         h.remove()
     assert torch.equal(captured["logits"].grad, seen["g"].grad)
     assert seen["g"].grad.abs().sum() > 0
@@ -352,6 +359,21 @@ def test_cnn_gate_trains_and_predicts_all_layers():
     out.sum().backward()
     assert set(model.policies) == set(model.gated_layer_names)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.gate.parameters())
+
+
+def test_cnn_gate_network_defaults_to_the_configured_backbone():
+    """Without ``gate_network``, the CNN gate is ``cnn_gate_backbone``, randomly initialised."""
+    from adafilter.backbones import BACKBONES
+
+    spec = BACKBONES.get("cifar-resnet20")
+    model = wrap(_build("depthwise"), AdaFilterConfig(gate="cnn", cnn_gate_backbone=spec.name))
+    assert type(model.gate.features) is type(spec.factory(1))
+    assert {head.in_features for head in model.gate.heads} == {spec.feature_dim}
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert set(model.policies) == set(model.gated_layer_names)
+    with pytest.raises(AdaFilterError, match="no-such-net"):
+        wrap(_build("depthwise"), AdaFilterConfig(gate="cnn", cnn_gate_backbone="no-such-net"))
 
 
 def test_param_groups_and_counts():

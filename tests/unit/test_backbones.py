@@ -315,7 +315,7 @@ def test_download_fails_fast_when_dns_hangs(
         release.set()
     assert time.monotonic() - start < 5
     msg = _assert_one_line(exc)
-    assert "--weights FILE" in msg and "resnet18-" in msg
+    assert "weights=FILE" in msg and "resnet18-" in msg
 
 
 def test_download_error_becomes_one_line_checkpoint_error(
@@ -328,7 +328,7 @@ def test_download_error_becomes_one_line_checkpoint_error(
     monkeypatch.setattr(download.urllib.request, "urlopen", offline)
     with pytest.raises(CheckpointError) as exc:
         build_backbone("resnet18", num_classes=5, weights="pretrained")
-    assert "--weights FILE" in _assert_one_line(exc)
+    assert "weights=FILE" in _assert_one_line(exc)
     assert not empty_hub.exists() or not any(empty_hub.iterdir())
 
 
@@ -361,7 +361,7 @@ def test_cifar_weights_missing_name_path_and_fix(empty_adafilter_home: Path) -> 
         build_backbone("cifar-resnet20", num_classes=5, weights="pretrained")
     msg = _assert_one_line(exc)
     want = empty_adafilter_home / "weights" / "cifar10-resnet" / "resnet20-12fca82f.th"
-    assert str(want) in msg and "--download" in msg and "--weights FILE" in msg
+    assert str(want) in msg and "download=True" in msg and "weights=FILE" in msg
     assert "github.com/akamaster/pytorch_resnet_cifar10" in msg  # the official source
 
 

@@ -1,0 +1,70 @@
+"""Where a forward's policies come from: the learned gate, random draws or a fixed branch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..layers.gate import CNNGate, RecurrentGate, binarize
+
+if TYPE_CHECKING:
+    from .model import AdaFilterModel
+
+__all__ = ["ForwardPolicies"]
+
+
+class ForwardPolicies:
+    """One forward's policy source: the LSTM state and the decisions made so far.
+
+    Each gated layer asks :meth:`policy` for its ``(B, C_out)`` decisions (through
+    :func:`~adafilter.layers.gated_conv.policy_source`), in execution order.
+    """
+
+    def __init__(self, owner: AdaFilterModel, image: Tensor, *, keep_logits: bool = False) -> None:
+        self.owner = owner
+        self.state: tuple[Tensor, Tensor] | None = None
+        self.decisions: dict[int, Tensor] = {}
+        self.logits: dict[int, Tensor] | None = {} if keep_logits else None
+        self.f_sum: Tensor | None = None  # sum of the learned decisions, with gradient
+        self.f_count = 0
+        self.cnn_logits: list[Tensor] | None = None
+        if owner.policy_mode == "learned" and isinstance(owner.gate, CNNGate):
+            self.cnn_logits = owner.gate(image)
+
+    def policy(self, index: int, x: Tensor) -> Tensor:
+        """Gated layer ``index``'s decisions for its input ``x`` (B, C_in, H, W).
+
+        Returns:
+            ``(B, C_out)``: 1/True = the fine-tuned filter F, 0/False = the pretrained S
+            (floats; bools for learned policies outside training without gradients).
+        """
+        owner = self.owner
+        b, c = x.shape[0], owner.layer_out_channels[index]
+        mode = owner.policy_mode
+        if mode == "learned":
+            if self.cnn_logits is not None:
+                logits = self.cnn_logits[index]
+            else:
+                assert isinstance(owner.gate, RecurrentGate)
+                logits, self.state = owner.gate.step(index, x, self.state)
+            if self.logits is not None:
+                self.logits[index] = logits.detach()
+            if owner.training and owner.config.gate_noise > 0:
+                u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+                logits = logits + owner.config.gate_noise * (u.log() - (-u).log1p())  # logistic
+            if torch.is_grad_enabled() or owner.training:
+                g = binarize(logits, owner.config.ste)
+                if g.requires_grad:
+                    self.f_sum = g.sum() if self.f_sum is None else self.f_sum + g.sum()
+                    self.f_count += g.numel()
+            else:
+                g = logits >= 0  # (B, C) bool: inference needs no 0./1. floats (Eq. 2)
+        elif mode == "random":
+            draw = torch.rand(b, c, generator=owner._generator)
+            g = (draw < owner.random_p).to(device=x.device, dtype=x.dtype)
+        else:
+            g = x.new_full((b, c), 1.0 if mode == "finetuned" else 0.0)
+        self.decisions[index] = g.detach() if g.requires_grad else g  # no graph kept alive
+        return g
