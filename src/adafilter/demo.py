@@ -11,7 +11,7 @@ in a few minutes on a 2-core CPU. ``pretrain=None`` skips the source stage and f
 default).
 
 Each method's run lives in ``OUT/runs/<method>`` and checkpoints every epoch, so a demo
-interrupted with Ctrl-C continues where it stopped when started again with the same ``--out``.
+interrupted with Ctrl-C continues where it stopped when started again with the same ``out``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     out = Path(config.out)
     if not config.methods:
-        raise AdaFilterError("no methods to run; pass e.g. --methods finetune,adafilter")
+        raise AdaFilterError("no methods to run; pass e.g. methods=finetune,adafilter")
     runs: dict[str, Any] = {}
     done: list[str] = []
     current = "pretrain"
@@ -130,8 +130,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         left = [m for m in config.methods if m not in done]
         print(
             f"\n[demo] interrupted during {current!r}. Complete: {', '.join(done) or 'none'}; "
-            f"not complete: {', '.join(left)}. Run the same command again (same --out "
-            f"{config.out}) to resume from the last finished epoch.",
+            f"not complete: {', '.join(left)}. Run it again with the same output folder "
+            f"({config.out}) to resume from the last finished epoch.",
             file=sys.stderr,
         )
         raise
