@@ -112,6 +112,19 @@ def test_demo_pretrains_then_starts_every_method_from_those_weights(tiny, tmp_pa
     assert "pretrain: already complete" in capsys.readouterr().out
 
 
+def test_every_demo_field_but_the_learning_rates_is_a_flag():
+    """The flags come from DemoConfig's fields: a new field gets a flag or fails here."""
+    from dataclasses import fields
+
+    from adafilter.cli import build_parser
+    from adafilter.demo import DemoConfig
+
+    args = build_parser().parse_args(["demo"])
+    flagged = {f.name for f in fields(DemoConfig) if hasattr(args, f.name)}
+    assert {f.name for f in fields(DemoConfig)} - flagged == {"lr", "gate_lr"}
+    assert DemoConfig(**{n: getattr(args, n) for n in flagged}) == DemoConfig()
+
+
 def test_demo_help_lists_the_knobs(capsys):
     with pytest.raises(SystemExit):
         from adafilter.cli import build_parser
