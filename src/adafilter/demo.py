@@ -16,6 +16,7 @@ interrupted with Ctrl-C continues where it stopped when started again with the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -174,7 +175,6 @@ def _pretrained_weights(config: DemoConfig, out: Path) -> str | None:
     """
     from .engine import fit
     from .inference import export_run
-    from .train_config import TrainConfig
 
     if not config.pretrain:
         return config.weights
@@ -184,28 +184,18 @@ def _pretrained_weights(config: DemoConfig, out: Path) -> str | None:
         _say(config, f"[demo] pretrain: already complete in {run_dir}, reusing it")
         return str(exported)
     _say(config, f"[demo] pretraining {config.backbone} on {config.pretrain} -> {run_dir}")
-    fit(
-        TrainConfig(
-            method="finetune",
-            dataset=config.pretrain,
-            data_root=config.pretrain_root or "",
-            backbone=config.backbone,
-            weights=config.weights,
-            out=str(run_dir),
-            epochs=config.pretrain_epochs,
-            milestones=[max(1, config.pretrain_epochs - 1)],
-            resolution=config.resolution,
-            batch_size=64,
-            subset_per_class=config.pretrain_per_class,
-            eval_every=config.pretrain_epochs,  # only the final epoch is evaluated
-            seed=config.seed,
-            lr=config.pretrain_lr,
-            workers=config.workers,
-            device=config.device,
-            quiet=config.quiet,
-            resume=(run_dir / "checkpoint.pt").exists(),
-        )
+    source = dataclasses.replace(  # the methods' settings, on the source data and schedule
+        _train_config(config, "finetune", run_dir, config.weights),
+        dataset=config.pretrain,
+        data_root=config.pretrain_root or "",
+        epochs=config.pretrain_epochs,
+        milestones=[max(1, config.pretrain_epochs - 1)],
+        batch_size=64,
+        subset_per_class=config.pretrain_per_class,
+        eval_every=config.pretrain_epochs,  # only the final epoch is evaluated
+        lr=config.pretrain_lr,
     )
+    fit(source)
     export_run(run_dir, exported, format="torch")
     return str(exported)
 
