@@ -49,6 +49,7 @@ class DemoConfig:
         epochs: Epochs per method.
         milestones: Epochs after which the learning rates drop 10x.
         resolution: Input size in pixels.
+        augment: Training augmentation of every stage (``TrainConfig.augment``).
         batch_size: Mini-batch size.
         subset_per_class: Images per class kept in each split.
         seed: One seed for every method.
@@ -73,6 +74,7 @@ class DemoConfig:
     epochs: int = 9
     milestones: list[int] = field(default_factory=lambda: [7])
     resolution: int = 28
+    augment: str = "resized-crop"
     batch_size: int = 32
     subset_per_class: int = 80
     seed: int = 0
@@ -153,6 +155,7 @@ def _train_config(config: DemoConfig, method: str, run_dir: Path, weights: str |
         epochs=config.epochs,
         milestones=list(config.milestones),
         resolution=config.resolution,
+        augment=config.augment,
         batch_size=config.batch_size,
         subset_per_class=config.subset_per_class,
         seed=config.seed,

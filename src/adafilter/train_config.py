@@ -81,6 +81,11 @@ class TrainConfig:
             ``cuda_graphs``.
         compile_backend: The ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` traces
             without generating code, for tests).
+        augment: Training augmentation: ``"resized-crop"`` (RandomResizedCrop + flip, the
+            ImageNet recipe; the paper states none), ``"pad-crop"`` (the whole image, padded
+            random crop + flip: the CIFAR recipe, for small images such as 28-32 px, where
+            RandomResizedCrop's 8% crops erase the object) or ``"none"``. Evaluation uses
+            the matching centre crop (``data.transforms``).
         subset_per_class: Keep at most this many images per class in both splits (quick runs).
         train_per_class: Keep at most this many training images per class (the evaluation
             split stays whole): few-shot regimes such as Caltech-256-30.
@@ -132,6 +137,7 @@ class TrainConfig:
     cuda_graphs: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
+    augment: str = "resized-crop"
     subset_per_class: int | None = None
     train_per_class: int | None = None
     gate_backbone: str = "resnet18"
@@ -159,6 +165,12 @@ class TrainConfig:
             raise AdaFilterError(f"bn_momentum must be in (0, 1], got {self.bn_momentum!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise AdaFilterError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        from .data.transforms import AUGMENTATIONS
+
+        if self.augment not in AUGMENTATIONS:
+            raise AdaFilterError(
+                f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}"
+            )
         if self.gate_optimizer not in GATE_OPTIMIZERS:
             raise AdaFilterError(
                 f"gate_optimizer must be one of {', '.join(GATE_OPTIMIZERS)}, "

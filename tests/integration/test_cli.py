@@ -41,6 +41,15 @@ def test_unknown_dataset(trained: dict, tmp_path: Path, capsys: pytest.CaptureFi
     assert "unknown dataset 'mnist-9000'" in one_line_error(capsys, argv)
 
 
+def test_unknown_augmentation(
+    trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = train_args(trained["data"], tmp_path / "o") + ["--augment", "mixup"]
+    line = one_line_error(capsys, argv)
+    assert "augment must be one of resized-crop, pad-crop, none, got 'mixup'" in line
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
 def test_missing_data_root(
     tmp_path: Path, trained: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:

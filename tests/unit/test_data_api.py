@@ -45,13 +45,34 @@ def _tree(root: Path, broken: tuple[str, ...] = ()) -> Path:
     return root
 
 
+@pytest.mark.parametrize("augment", ["resized-crop", "pad-crop", "none"])
 @pytest.mark.parametrize("resolution", [32, 224])
 @pytest.mark.parametrize("mode", ["1", "L", "RGB", "RGBA", "P"])
-def test_transforms_shape_and_channels(resolution: int, mode: str) -> None:
+def test_transforms_shape_and_channels(resolution: int, mode: str, augment: str) -> None:
     img = Image.new(mode, (12, 9))
     for train in (True, False):
-        x = build_transforms(train, resolution=resolution)(img)
+        x = build_transforms(train, resolution=resolution, augment=augment)(img)
         assert x.dtype == torch.float32 and tuple(x.shape) == (3, resolution, resolution)
+
+
+def test_pad_crop_augmentation_keeps_the_whole_image() -> None:
+    # A white square filling the centre 16x16 of 28x28: "pad-crop" shifts it by at most R/8 =
+    # 3 px and evaluates the whole image; "resized-crop" evaluates a 28-px centre crop of a
+    # 32-px resize.
+    img = Image.new("L", (28, 28), 0)
+    img.paste(255, (6, 6, 22, 22))
+    stats = dict(resolution=28, mean=(0, 0, 0), std=(1, 1, 1))
+    ev = build_transforms(False, augment="pad-crop", **stats)(img)
+    assert torch.equal(ev, build_transforms(False, augment="none", **stats)(img))
+    assert ev[0].sum().item() == pytest.approx(16 * 16, abs=0.5)  # nothing resized or cut
+    paper = build_transforms(False, augment="resized-crop", **stats)(img)
+    assert paper[0].sum().item() > 16 * 16 + 10  # resized up by 32/28 before the crop
+    torch.manual_seed(0)
+    for _ in range(20):
+        x = build_transforms(True, augment="pad-crop", **stats)(img)[0]
+        assert x.sum().item() == pytest.approx(16 * 16, abs=0.5)  # shifted, never cut or scaled
+    with pytest.raises(ValueError, match="augment must be one of"):
+        build_transforms(True, resolution=8, augment="mixup")
 
 
 def test_eval_transform_normalises_with_given_stats() -> None:

@@ -34,6 +34,7 @@ DEMO_FLAGS: list[tuple[str, str]] = [
     ("epochs", "epochs (default {d})"),
     ("milestones", "lr x0.1 after these epochs (default {d})"),
     ("resolution", "input size (default {d})"),
+    ("augment", "training augmentation: resized-crop, pad-crop or none (default {d})"),
     ("batch_size", "batch size (default {d})"),
     ("subset_per_class", "images per class in each split (default {d})"),
     ("seed", "seed (default {d})"),

@@ -69,6 +69,11 @@ TRAIN_FLAGS: list[tuple[str, str] | None] = [
     ("cuda_graphs", "replay each training step as a CUDA graph (one GPU; default off)"),
     ("compile", "train through torch.compile (default off; see --compile-backend)"),
     ("compile_backend", "torch.compile backend (default {d})"),
+    (
+        "augment",
+        "training augmentation: resized-crop (ImageNet recipe), pad-crop (CIFAR recipe, for "
+        "small images) or none (default {d})",
+    ),
     ("subset_per_class", "keep at most K images per class (quick runs)"),
     ("train_per_class", "keep at most K training images per class (evaluation split whole)"),
     ("gate_backbone", "cnn-gate network (default {d})"),

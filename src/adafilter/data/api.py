@@ -87,6 +87,7 @@ def build_datasets(
     download: bool = False,
     strict_images: bool = False,
     subset_per_class: int | None = None,
+    augment: str = "resized-crop",
 ) -> tuple[SafeImageDataset, SafeImageDataset, DatasetInfo]:
     """Build the train and eval datasets of ``name`` from its official layout at ``root``.
 
@@ -101,6 +102,7 @@ def build_datasets(
         strict_images: Raise :class:`DataError` on an unreadable image instead of skipping it.
         subset_per_class: Keep at most this many samples per class in each split
             (deterministic per seed); ``None`` keeps everything.
+        augment: Training augmentation, one of ``AUGMENTATIONS`` (``transforms``).
 
     Returns:
         ``(train_ds, eval_ds, info)``. Items are ``(float tensor (3, R, R), int label)``;
@@ -113,7 +115,7 @@ def build_datasets(
     if subset_per_class is not None:
         train = train.subset(balanced_subset(train.targets, subset_per_class, seed))
         evals = evals.subset(balanced_subset(evals.targets, subset_per_class, seed + 1))
-    kw = {"resolution": resolution, "mean": mean, "std": std}
+    kw = {"resolution": resolution, "mean": mean, "std": std, "augment": augment}
     train.transform = build_transforms(True, **kw)
     evals.transform = build_transforms(False, **kw)
     info = DatasetInfo(

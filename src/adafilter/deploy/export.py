@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json
+from ..data.transforms import eval_resize
 from ..errors import AdaFilterError
 from ..layers.gated_conv import bn_affine
 from ..tuner import AdaFilterModel
@@ -40,7 +41,7 @@ def _metadata(run: LoadedRun, weights: Path, fmt: str) -> dict[str, Any]:
         "class_names": list(run.class_names),
         "transform": {
             "resolution": r,
-            "resize": max(r, int(r * 256 / 224)),
+            "resize": eval_resize(r, run.config.augment),
             "center_crop": r,
             "mean": list(run.mean),
             "std": list(run.std),

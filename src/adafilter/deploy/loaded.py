@@ -207,7 +207,9 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         epoch, test_acc = meta.get("epoch"), meta.get("test_acc")
         t = meta["transform"]
         resolution, mean, std = int(t["resolution"]), tuple(t["mean"]), tuple(t["std"])
-    transform = build_transforms(False, resolution=resolution, mean=mean, std=std)
+    transform = build_transforms(
+        False, resolution=resolution, mean=mean, std=std, augment=rebuilt.config.augment
+    )
     return LoadedRun(
         model=model,
         class_names=rebuilt.class_names,

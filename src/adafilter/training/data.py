@@ -53,6 +53,7 @@ def _base_datasets(config: TrainConfig) -> tuple[Any, Any, Any]:
         seed=config.seed,
         download=config.download,
         subset_per_class=config.subset_per_class,
+        augment=config.augment,
     )
     if config.train_per_class is not None:
         from ..data.api import with_transform
