@@ -45,6 +45,7 @@ def routing(run_dir: Path, data_root: Path) -> dict[str, Any]:
         "negatives": int(neg.sum()),
         "acc_positives": round(100 * float(ok[~neg].float().mean()), 2),
         "acc_negatives": round(100 * float(ok[neg].float().mean()), 2),
+        "acc_all": round(100 * float(ok.float().mean()), 2),
     }
     if shares:
         per = {k: torch.cat(v) for k, v in shares.items()}  # layer -> (N,) F share per image

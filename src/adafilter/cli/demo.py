@@ -33,6 +33,7 @@ DEMO_FLAGS: list[tuple[str, str]] = [
     ("methods", "comma-separated methods (default {d})"),
     ("epochs", "epochs (default {d})"),
     ("milestones", "lr x0.1 after these epochs (default {d})"),
+    ("eval_every", "evaluate after epoch 1, every N epochs and the last (default {d})"),
     ("resolution", "input size (default {d})"),
     ("augment", "training augmentation: resized-crop, pad-crop or none (default {d})"),
     ("batch_size", "batch size (default {d})"),
