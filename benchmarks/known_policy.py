@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import adafilter
 import adafilter.training.known_policy as kp
-from adafilter.train_config import PRESETS, TrainConfig
+from adafilter.training.config import PRESETS, TrainConfig
 from adafilter.training.optim import build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -398,7 +398,7 @@ def bench_eval_run(checkpoint: str, batch: int, reps: int, device: torch.device)
     policies are the ones that run learned."""
     from adafilter.checkpoint import load_checkpoint
     from adafilter.engine import build_model, run_datasets
-    from adafilter.train_config import TrainConfig
+    from adafilter.training.config import TrainConfig
 
     ckpt = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(ckpt["config"], source=checkpoint)

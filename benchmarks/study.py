@@ -32,7 +32,7 @@ import torch
 from paths import relativize_json_file, repo_relative
 
 from adafilter.engine import fit
-from adafilter.train_config import PRESETS, TrainConfig
+from adafilter.training.config import PRESETS, TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_GATE = dict(PRESETS["paper"]["adafilter"])

@@ -30,7 +30,7 @@ from paths import repo_relative
 
 from adafilter.engine import fit
 from adafilter.report import METHOD_ORDER, make_report
-from adafilter.train_config import TrainConfig
+from adafilter.training.config import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The project's data and weights beside the repository, passed explicitly (never a package default).

@@ -2,7 +2,6 @@
 
 # inference, model: re-exports of deploy/ and tuner/ (``adafilter.inference.load`` still works)
 from . import inference, model  # noqa: F401
-from .config import AdaFilterConfig
 from .deploy import LoadedRun, load
 from .errors import AdaFilterError, CheckpointError, DataError
 from .layers.gate import CNNGate, RecurrentGate, binarize
@@ -11,6 +10,7 @@ from .layers.gated_conv import GatedConv2dBN
 from .training.optim import build_optimizer
 from .training.precise_bn import recalibrate_bn
 from .tuner import AdaFilterModel, find_conv_bn_pairs, mark_trainable, wrap
+from .tuner.config import AdaFilterConfig
 
 __version__ = "0.1.0"
 

@@ -149,7 +149,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 
 def _train_config(config: DemoConfig, method: str, run_dir: Path, weights: str | None) -> Any:
-    from .train_config import TrainConfig
+    from .training.config import TrainConfig
 
     return TrainConfig(
         method=method,

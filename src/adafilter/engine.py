@@ -9,8 +9,8 @@ argparse.
 
 from __future__ import annotations
 
-from .train_config import TrainConfig
 from .training.build import amp_dtype, build_model, graphed_forward, resolve_device
+from .training.config import TrainConfig
 from .training.data import run_datasets, run_splits, validation_split
 from .training.fit import Trainer, evaluate_checkpoint, fit
 from .training.loop import GraphedForward, evaluate, recalibrate, train_one_epoch

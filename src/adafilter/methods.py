@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .registry import Registry
 from .training.policy_stats import PolicyStats
 from .tuner import conv_execution_order
+from .utils.registry import Registry
 from .utils.seeding import derive_seed
 
 logger = logging.getLogger("adafilter")
@@ -122,7 +122,7 @@ class Method:
             network: The backbone with its new classifier head.
             head_name: Qualified name of the classifier module inside ``network``.
             example_input: A small batch the network accepts (for tracing layer order).
-            options: Method options from :class:`~adafilter.train_config.TrainConfig`
+            options: Method options from :class:`~adafilter.training.config.TrainConfig`
                 (``l2sp_alpha``, ``l2sp_beta``, ``random_p``, ``adafilter`` overrides).
             gate_network: Builds ``(features, feature_dim)`` for a CNN gate, when needed.
         """

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import adafilter
 import adafilter.tuner.policies as policies_module
 from adafilter.engine import build_scheduler
-from adafilter.train_config import TrainConfig
+from adafilter.training.config import TrainConfig
 from adafilter.training.known_policy import (
     TARGET_IMAGES,
     make_task,

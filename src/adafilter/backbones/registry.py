@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import AdaFilterError
-from ..registry import Registry
+from ..utils.registry import Registry
 
 __all__ = [
     "BACKBONES",

@@ -132,7 +132,7 @@ def default_of(cls: type, name: str) -> str:
 
 
 def int_list(text: str) -> list[int]:
-    from ..train_config import parse_int_list
+    from ..training.config import parse_int_list
 
     try:
         return parse_int_list(text, "--milestones")

@@ -1,4 +1,4 @@
-"""``adafilter train``: flags -> :class:`~adafilter.train_config.TrainConfig` -> ``fit``."""
+"""``adafilter train``: flags -> :class:`~adafilter.training.config.TrainConfig` -> ``fit``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from ..config import AdaFilterConfig
 from ..errors import AdaFilterError
-from ..train_config import PRESETS, TrainConfig
+from ..training.config import PRESETS, TrainConfig
+from ..tuner.config import AdaFilterConfig
 from .base import default_of, int_list, setup_logging, subcommand
 
 # Gate flags: (flag, argparse dest, type, help); their values go to TrainConfig.adafilter.
@@ -142,8 +142,8 @@ def _gate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace) -> Any:
-    """Defaults < ``--config`` file < flags -> :class:`~adafilter.train_config.TrainConfig`."""
-    from ..train_config import load_config_file
+    """Defaults < ``--config`` file < flags -> :class:`~adafilter.training.config.TrainConfig`."""
+    from ..training.config import load_config_file
 
     values: dict[str, Any] = {}
     preset = getattr(args, "preset", None)

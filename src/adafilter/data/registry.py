@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..registry import Registry
 from ..utils.download import Resource, fetch_resources
+from ..utils.registry import Registry
 from .base import ImageList
 
 Loader = Callable[[Path, int], tuple[ImageList, ImageList]]

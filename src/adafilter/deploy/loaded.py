@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..config import AdaFilterConfig
 from ..errors import AdaFilterError
 from ..tuner import AdaFilterModel
+from ..tuner.config import AdaFilterConfig
 from ..utils.text import one_line
 from .files import read_model_file, resolve_run_path
 from .rebuild import rebuild_model
@@ -21,7 +21,7 @@ from .rebuild import rebuild_model
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ..train_config import TrainConfig
+    from ..training.config import TrainConfig
 
 __all__ = ["FileResult", "LoadedRun", "Prediction", "load"]
 

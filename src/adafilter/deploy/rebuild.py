@@ -14,7 +14,7 @@ from ..errors import CheckpointError
 
 if TYPE_CHECKING:
     from ..methods import Prepared
-    from ..train_config import TrainConfig
+    from ..training.config import TrainConfig
 
 __all__ = ["RebuiltModel", "rebuild_model"]
 
@@ -65,8 +65,8 @@ def rebuild_model(payload: dict[str, Any], path: str | os.PathLike[str]) -> Rebu
     Raises:
         CheckpointError: Missing/invalid fields, or weights of another model.
     """
-    from ..train_config import TrainConfig
     from ..training.build import build_model
+    from ..training.config import TrainConfig
     from ..training.run_dir import load_model_state
 
     path = Path(path)

@@ -11,8 +11,8 @@ from torch import nn
 from ..distributed import DistEnv
 from ..errors import AdaFilterError
 from ..methods import METHODS, Method, Prepared
-from ..train_config import TrainConfig
 from ..utils.seeding import seed_everything
+from .config import TrainConfig
 from .loop import GraphedForward
 
 logger = logging.getLogger("adafilter")

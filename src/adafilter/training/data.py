@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from ..data.base import collate_dropping
 from ..distributed import DistEnv, ShardSampler
-from ..train_config import TrainConfig
 from ..utils.seeding import derive_seed
+from .config import TrainConfig
 
 __all__ = [
     "calibration_loader",

@@ -1,4 +1,4 @@
-"""``fit``: run (or resume) a training run from a :class:`~adafilter.train_config.TrainConfig`.
+"""``fit``: run (or resume) a training run from a :class:`~adafilter.training.config.TrainConfig`.
 
 Reproducibility and resume. Each epoch reseeds Python, numpy and torch from
 ``(seed, epoch, rank)``, shuffles with a generator seeded the same way (``DistributedSampler``
@@ -27,9 +27,9 @@ from ..checkpoint import get_rng_state, load_checkpoint, scheduler_state, set_rn
 from ..distributed import DistEnv, cleanup_distributed, env_from_environ, init_distributed
 from ..errors import AdaFilterError
 from ..methods import METHODS, Prepared, trainable_per_example
-from ..train_config import TrainConfig
 from ..utils.seeding import seed_epoch
 from .build import amp_dtype, build_model, compiled_model, graphed_forward, resolve_device
+from .config import TrainConfig
 from .data import (
     calibration_loader,
     eval_loader,

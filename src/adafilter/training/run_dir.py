@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..errors import AdaFilterError, CheckpointError
-from ..train_config import TrainConfig
 from ..utils.io import atomic_write_json, atomic_write_jsonl
+from .config import TrainConfig
 
 __all__ = ["RESUME_KEYS", "RunDir", "check_resume", "load_model_state", "policy_json"]
 

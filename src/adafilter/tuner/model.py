@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import POLICY_MODES, AdaFilterConfig
 from ..layers.gate import CNNGate, RecurrentGate
 from ..layers.gated_conv import GatedConv2dBN, policy_source
 from ..utils.modules import set_submodule
+from .config import POLICY_MODES, AdaFilterConfig
 from .norms import norm_kind
 from .plan import GatedPair, GatingSummary
 from .policies import ForwardPolicies

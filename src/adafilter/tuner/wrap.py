@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from ..config import AdaFilterConfig
+from .config import AdaFilterConfig
 from .model import AdaFilterModel
 from .plan import plan_gating
 

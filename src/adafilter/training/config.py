@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import AdaFilterConfig
-from .errors import AdaFilterError
+from ..errors import AdaFilterError
+from ..tuner.config import AdaFilterConfig
 
 AMP_MODES = ("off", "bf16", "fp16")
 
@@ -165,7 +165,7 @@ class TrainConfig:
             raise AdaFilterError(f"bn_momentum must be in (0, 1], got {self.bn_momentum!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise AdaFilterError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        from .data.transforms import AUGMENTATIONS
+        from ..data.transforms import AUGMENTATIONS
 
         if self.augment not in AUGMENTATIONS:
             raise AdaFilterError(
