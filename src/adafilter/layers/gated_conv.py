@@ -214,7 +214,8 @@ class GatedConv2dBN(nn.Module):
             self.bn = bn
         self._fold_key: TensorsKey | None = None
         self._fold: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-        self._merged: tuple[np.ndarray, Tensor, Tensor] | None = None  # decisions, w, b
+        # batch-1 merged filters: decisions, weight, bias, numpy views (see _merge)
+        self._merged: tuple[np.ndarray, Tensor, Tensor, list] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -380,19 +381,21 @@ class GatedConv2dBN(nn.Module):
         if self._merged is None:
             w = torch.where(sel.view(-1, 1, 1, 1), w_f, w_s)
             b = torch.where(sel, b_f, b_s)
-            self._merged = (now.copy(), w, b)
+            # numpy views of (merged, F, S) weights and biases, made once: each .numpy() is
+            # several dispatches. w, b are this cache's own tensors (nothing else holds them),
+            # so writing through numpy is safe, also for ones made under inference_mode.
+            views = [tuple(map(_bits, ts)) for ts in ((w, w_f, w_s), (b, b_f, b_s))]
+            self._merged = (now.copy(), w, b, views)
             return w, b
-        prev, w, b = self._merged
-        changed = np.flatnonzero(now != prev)
-        if changed.size:
+        prev, w, b, views = self._merged
+        diff = now != prev
+        if diff.any():
+            changed = diff.nonzero()[0]
             take_f = now[changed]
             to_f, to_s = changed[take_f], changed[~take_f]
-            # w, b are this cache's own tensors (nothing else holds them), so writing through
-            # numpy is safe, also for ones made under inference_mode.
-            for dst, src_f, src_s in ((w, w_f, w_s), (b, b_f, b_s)):
-                out = _bits(dst)
-                out[to_f] = _bits(src_f)[to_f]
-                out[to_s] = _bits(src_s)[to_s]
+            for dst, src_f, src_s in views:
+                dst[to_f] = src_f[to_f]
+                dst[to_s] = src_s[to_s]
             prev[changed] = take_f
         return w, b
 
@@ -407,6 +410,13 @@ class GatedConv2dBN(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._drop_caches()  # load_state_dict(assign=True) replaces parameter objects
         super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The merged filters' numpy views alias its tensors; a copy (deepcopy, pickle) would
+        # break the aliasing, so copies start without caches.
+        state = dict(super().__getstate__())
+        state.update(_fold_key=None, _fold=None, _merged=None)
+        return state
 
     def _drop_caches(self) -> None:
         self._fold_key, self._fold, self._merged = None, None, None
