@@ -220,8 +220,8 @@ def test_gradients_equal_plain_autograd_when_unused_filters_are_skipped(name, po
 
 def test_eval_gate_step_with_fused_input_map_equals_lstm_cell():
     """Eval mode's fused step (embedding folded into the LSTM's input map where that is
-    smaller, one sigmoid for four gates, numpy elementwise without autograd): same logits and
-    states as the training step."""
+    smaller, one sigmoid for four gates, cached weights): same logits and states as the
+    training step."""
     gate = RecurrentGate([8, 16, 12], [16, 12, 4], embed_dim=6, hidden_dim=5, bias_init=0.3)
     xs = [torch.randn(3, c, 4, 4) for c in (8, 16, 12)]
 

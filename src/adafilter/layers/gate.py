@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -158,7 +157,9 @@ class RecurrentGate(nn.Module):
             b = b + scale * (cell.weight_ih @ emb.bias)
             return _EvalWeights(None, None, w_in, b, w_hh, w_head, head.bias)
         w_in = (scale[:, None] * cell.weight_ih).t().contiguous()
-        return _EvalWeights(emb.weight.t().contiguous(), emb.bias, w_in, b, w_hh, w_head, head.bias)
+        # W_e as stored (E, C_in), transposed as a view: a product over the long C_in rows
+        # runs ~1.5x faster at batch 1 than over a (C_in, E) copy (measured, MKL, 1 thread)
+        return _EvalWeights(emb.weight.t(), emb.bias, w_in, b, w_hh, w_head, head.bias)
 
     def _step_eval(
         self, index: int, x: Tensor, state: tuple[Tensor, Tensor] | None
@@ -174,53 +175,18 @@ class RecurrentGate(nn.Module):
         gates = torch.addmm(w.bias, pooled, w.inp, alpha=alpha)  # (B, 4H)
         if state is not None:
             gates = gates.addmm_(state[0], w.hid)
-        host = gates.device.type == "cpu" and gates.dtype in _NUMPY_FLOATS
-        if host and not (gates.requires_grad or self.capturable or is_compiling()):
-            h, c = _cell_numpy(gates, None if state is None else state[1])
-        else:
-            i, f, g2, o = torch.sigmoid(gates).chunk(4, 1)  # (B, H) each; tanh(g) = 2 g2 - 1
-            c = torch.addcmul(-i, i, g2, value=2.0)  # i * tanh(g)
-            if state is not None:
-                c = c.addcmul(f, state[1])
-            h = o * torch.tanh(c)  # (B, H)
+        i, f, g2, o = torch.sigmoid(gates).chunk(4, 1)  # (B, H) each; tanh(g) = 2 * g2 - 1
+        c = torch.addcmul(-i, i, g2, value=2.0)  # i * tanh(g)
+        if state is not None:
+            c = c.addcmul(f, state[1])
+        h = o * torch.tanh(c)  # (B, H)
         return torch.addmm(w.head_bias, h, w.head), (h, c)  # (B, C_out)
-
-
-_NUMPY_FLOATS = (torch.float32, torch.float64)
-
-
-def _cell_numpy(gates: Tensor, c_prev: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The LSTM cell's elementwise part in numpy (CPU, no autograd).
-
-    At batch 1 each of the seven ATen operations this replaces costs several microseconds of
-    dispatch on (B, 4H) values; numpy takes about one. ``sigmoid(x) = (1 + tanh(x / 2)) / 2``,
-    and the cell gate's rows are doubled (see ``_eval_weights``), so one ``tanh(gates / 2)``
-    serves all four gates: equal to the ATen ops up to float rounding.
-
-    Args:
-        gates: (B, 4H) pre-activations, ``i, f, 2g, o``; a fresh tensor (overwritten).
-        c_prev: (B, H) previous cell state, or ``None`` (zeros).
-
-    Returns:
-        ``(h, c)``, (B, H) each, tensors sharing memory with numpy arrays.
-    """
-    t = gates.numpy()
-    t *= 0.5
-    np.tanh(t, out=t)  # tanh(i/2), tanh(f/2), tanh(g), tanh(o/2)
-    hid = t.shape[1] // 4
-    s = t * 0.5
-    s += 0.5  # the sigmoids (its g block unused)
-    c = s[:, :hid] * t[:, 2 * hid : 3 * hid]  # i * tanh(g)
-    if c_prev is not None:
-        c += s[:, hid : 2 * hid] * c_prev.numpy()
-    h = s[:, 3 * hid :] * np.tanh(c)
-    return torch.from_numpy(h), torch.from_numpy(c)
 
 
 class _EvalWeights(NamedTuple):
     """A gated layer's eval-mode gate weights, pre-transposed (see ``_eval_weights``)."""
 
-    emb: Tensor | None  # W_e^T (C_in, E); None when folded into ``inp``
+    emb: Tensor | None  # W_e^T (C_in, E), a view; None when folded into ``inp``
     emb_bias: Tensor | None  # b_e (E,)
     inp: Tensor  # (W_ih W_e)^T (C_in, 4H) when fused, else W_ih^T (E, 4H); g rows doubled
     bias: Tensor  # (4H,)
