@@ -134,11 +134,11 @@ class RecurrentGate(nn.Module):
         doubled so that one sigmoid serves all four gates (``tanh(x) = 2 sigmoid(2x) - 1``).
         Cached, without autograd, until a parameter changes (:class:`TensorsKey`).
         """
-        emb, cell, head = self.embed[index], self.cell, self.heads[index]
         if torch.is_grad_enabled() or self.capturable or is_compiling():
             return self._fuse(index)
         hit = self._fused.get(index)
         if hit is None or not hit[0].valid():
+            emb, cell, head = self.embed[index], self.cell, self.heads[index]
             params = (emb.weight, emb.bias, *cell.parameters(), head.weight, head.bias)
             hit = (TensorsKey(params), self._fuse(index))
             self._fused[index] = hit
