@@ -219,7 +219,9 @@ def test_gradients_equal_plain_autograd_when_unused_filters_are_skipped(name, po
 
 
 def test_eval_gate_step_with_fused_input_map_equals_lstm_cell():
-    """Eval mode folds the embedding into the LSTM's input map; same logits and states."""
+    """Eval mode's fused step (embedding folded into the LSTM's input map where that is
+    smaller, one sigmoid for four gates, cached weights): same logits and states as the
+    training step."""
     gate = RecurrentGate([8, 16, 12], [16, 12, 4], embed_dim=6, hidden_dim=5, bias_init=0.3)
     xs = [torch.randn(3, c, 4, 4) for c in (8, 16, 12)]
 
@@ -232,6 +234,8 @@ def test_eval_gate_step_with_fused_input_map_equals_lstm_cell():
 
     want = run()
     gate.eval()
+    with torch.no_grad():  # narrow inputs fold the embedding into the input map, wide keep it
+        assert gate._eval_weights(0).emb is None and gate._eval_weights(1).emb is not None
     for grad in (True, False):  # differentiable, and cached without autograd
         with torch.set_grad_enabled(grad):
             for got, ref in zip(run(), want, strict=True):
