@@ -31,6 +31,16 @@ SHARED = Path(os.environ.get("ADAFILTER_TEST_SHARED", REPO.parent / "shared"))
 SHARED_OMNIGLOT = SHARED / "data" / "omniglot"
 SHARED_CIFAR_WEIGHTS = SHARED / "weights" / "cifar10-resnet"
 
+
+def conv_bn_relu6(cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1) -> nn.Sequential:
+    """Conv (no bias) + BN + ReLU6: the unit of the tiny EfficientNet/MobileNet-style test nets."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU6(inplace=True),
+    )
+
+
 PLUGIN_NAME = "adafilter_tiny_plugin"
 PLUGIN_SRC = '''
 from torch import nn

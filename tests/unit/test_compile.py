@@ -25,7 +25,14 @@ from adafilter import AdaFilterConfig, AdaFilterModel, wrap
 from adafilter.backbones.arch import cifar_resnet
 from adafilter.cli import main
 from adafilter.layers.gated_bn import gated_batch_norm
-from helpers import install_plugin, make_imagefolder, read_jsonl, train_args, uninstall_plugin
+from helpers import (
+    conv_bn_relu6,
+    install_plugin,
+    make_imagefolder,
+    read_jsonl,
+    train_args,
+    uninstall_plugin,
+)
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.compiler, "is_compiling"), reason="needs torch.compiler (torch >= 2.3)"
@@ -41,12 +48,7 @@ class TinyLite(nn.Module):
     def __init__(self, num_classes: int = 5) -> None:
         super().__init__()
 
-        def cbr(cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU6(inplace=True),
-            )
+        cbr = conv_bn_relu6
 
         self.stem = cbr(3, 8, 3, 2)
         self.expand = cbr(8, 16)

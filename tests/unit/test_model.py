@@ -19,7 +19,7 @@ from adafilter import (
     wrap,
 )
 from adafilter.layers.gate import RecurrentGate
-from helpers import perturb_bn
+from helpers import conv_bn_relu6, perturb_bn
 
 
 class DepthwiseNet(nn.Module):
@@ -28,12 +28,7 @@ class DepthwiseNet(nn.Module):
     def __init__(self, num_classes: int = 7) -> None:
         super().__init__()
 
-        def cbr(cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU6(inplace=True),
-            )
+        cbr = conv_bn_relu6
 
         self.stem = cbr(3, 16, 3, 2)
         self.block1 = nn.Sequential(
