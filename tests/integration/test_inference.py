@@ -179,6 +179,7 @@ def test_export_round_trips_to_identical_outputs(
     assert meta["backbone"] == "tiny-cnn" and meta["class_names"] == CLASSES
     assert meta["method"] == "adafilter" and meta["adafilter"]["gate"] == "lstm"
     assert meta["transform"]["resolution"] == 16 and meta["transform"]["mean"] == [0.5] * 3
+    assert meta["transform"]["resize"] == 18  # the run's resized-crop: 16 * 256 / 224
     if fmt == "torch":  # the fallback is a weights_only torch file
         assert torch.load(to, weights_only=True)["format"] == "adafilter-export"
 

@@ -22,6 +22,7 @@ from adafilter.data import (
 )
 from adafilter.data.api import with_transform
 from adafilter.data.base import DROPPED_LABEL, ZipSource, collate_dropping
+from adafilter.data.transforms import eval_resize
 from adafilter.errors import DataError
 
 
@@ -71,6 +72,7 @@ def test_pad_crop_augmentation_keeps_the_whole_image() -> None:
     for _ in range(20):
         x = build_transforms(True, augment="pad-crop", **stats)(img)[0]
         assert x.sum().item() == pytest.approx(16 * 16, abs=0.5)  # shifted, never cut or scaled
+    assert (eval_resize(28), eval_resize(28, "pad-crop"), eval_resize(28, "none")) == (32, 28, 28)
     with pytest.raises(ValueError, match="augment must be one of"):
         build_transforms(True, resolution=8, augment="mixup")
 
