@@ -151,7 +151,17 @@ def study_near(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]
         gate = {"gate_bias_init": 1.0}
         cfg = _lite0_cifar(args, **NEAR, **sched, method="adafilter", adafilter=gate, seed=seed)
         runs.append(("adafilter-b1", seed, cfg))
+    # The paper's other baselines and ablations, one seed each (issue 16, item 6).
+    for method in ("l2sp", "standard-bn", "cnn-gate", "finetune-half"):
+        runs.append((method, 0, _lite0_cifar(args, **NEAR, **sched, method=method, seed=0)))
     return runs
+
+
+def study_near_pad(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
+    """The near-domain pair with ``augment="pad-crop"``: at 64 px from 32 px CIFAR images,
+    RandomResizedCrop keeps as little as 8% of an image; pad-crop keeps all of it."""
+    pairs = [r for r in study_near(args) if r[0] in ("finetune", "adafilter")]
+    return [(group, seed, {**cfg, "augment": "pad-crop"}) for group, seed, cfg in pairs]
 
 
 def study_far(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
@@ -188,6 +198,7 @@ STUDIES = {
     "allf": study_allf,
     "gate-pilot": study_gate_pilot,
     "near": study_near,
+    "near-pad": study_near_pad,
     "far": study_far,
     "far-pad": study_far_pad,
 }
