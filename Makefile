@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 .PHONY: install test test-all lint demo clean
 
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge 7 ] || \
+	  echo "warning: $$free GB free here; the venv needs ~6 GB (torch's CUDA build): free disk space if pip fails with 'No space left on device'" >&2
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
