@@ -158,10 +158,10 @@ def study_near(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]
 
 
 def study_near_pad(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
-    """The near-domain pair (and three one-seed baselines) with ``augment="pad-crop"``: at
+    """The near-domain pair (and four one-seed baselines) with ``augment="pad-crop"``: at
     64 px from 32 px CIFAR images RandomResizedCrop keeps as little as 8% of an image; pad-crop
     keeps all of it."""
-    keep = ("finetune", "adafilter", "l2sp", "finetune-half", "standard-bn")
+    keep = ("finetune", "adafilter", "l2sp", "finetune-half", "standard-bn", "random-policy")
     runs = [r for r in study_near(args) if r[0] in keep]
     return [(group, seed, {**cfg, "augment": "pad-crop"}) for group, seed, cfg in runs]
 
