@@ -162,8 +162,7 @@ def study_near_pad(args: argparse.Namespace) -> list[tuple[str, int, dict[str, A
     64 px from 32 px CIFAR images RandomResizedCrop keeps as little as 8% of an image; pad-crop
     keeps all of it."""
     keep = ("finetune", "adafilter", "l2sp", "finetune-half", "standard-bn", "random-policy")
-    runs = [r for r in study_near(args) if r[0] in keep]
-    return [(group, seed, {**cfg, "augment": "pad-crop"}) for group, seed, cfg in runs]
+    return _pad_crop([r for r in study_near(args) if r[0] in keep])
 
 
 def study_far(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
@@ -192,7 +191,12 @@ def study_far(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]
 def study_far_pad(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
     """The far-domain study with ``augment="pad-crop"`` (the CIFAR recipe) instead of
     RandomResizedCrop, which at 32 px leaves both methods underfit (README, *Far-domain*)."""
-    return [(group, seed, {**cfg, "augment": "pad-crop"}) for group, seed, cfg in study_far(args)]
+    return _pad_crop(study_far(args))
+
+
+def _pad_crop(runs: list[tuple[str, int, dict[str, Any]]]) -> list[tuple[str, int, dict[str, Any]]]:
+    """The same runs trained with ``augment="pad-crop"``."""
+    return [(group, seed, {**cfg, "augment": "pad-crop"}) for group, seed, cfg in runs]
 
 
 STUDIES = {
