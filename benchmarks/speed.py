@@ -142,14 +142,16 @@ def bench_train(
     input-dependent) or ``random`` (random-policy mode, p=0.5: every filter needed from both
     branches)."""
     plain, ada, x, y = _train_setup(arch, res, batch, device, policy)
-    med = _interleaved(
-        {
-            "finetune": _train_step_fn(plain, x, y, amp),
-            "adafilter": _train_step_fn(ada, x, y, amp),
-        },
-        reps,
-        device,
-    )
+    fns = {
+        "finetune": _train_step_fn(plain, x, y, amp),
+        "adafilter": _train_step_fn(ada, x, y, amp),
+    }
+    if device.type == "cpu":  # A/B: each branch's own transposed conv (no fused dL/dx)
+        two = copy.deepcopy(ada)
+        for layer in two.gated_layers().values():
+            layer.dual_conv = False
+        fns["adafilter_two_dgrads"] = _train_step_fn(two, x, y, amp)
+    med = _interleaved(fns, reps, device)
     return {
         "arch": arch,
         "resolution": res,
@@ -158,6 +160,11 @@ def bench_train(
         "policy": policy,
         "median_s": med,
         "ratio": med["adafilter"] / med["finetune"],
+        **(
+            {"ratio_two_dgrads": med["adafilter_two_dgrads"] / med["finetune"]}
+            if "adafilter_two_dgrads" in med
+            else {}
+        ),
         **_policy_stats(ada),
     }
 
@@ -459,6 +466,7 @@ def _parse_args() -> argparse.Namespace:
         help="checkpoint.pt of an adafilter train run: eval speed on its data (repeatable)",
     )
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--out", default=None, help="result file name under benchmarks/results/")
     ap.add_argument("--only", default="train,graphs,memory,eval1,eval32")
     ap.add_argument(
         "--compile-size",
@@ -548,14 +556,17 @@ def _inference_rows(
         ]
 
 
-def _save(text: str, *, quick: bool, only: set[str], device: torch.device) -> None:
-    """Write the result to ``benchmarks/results/speed-*.json`` (atomically)."""
+def _save(
+    text: str, *, quick: bool, only: set[str], device: torch.device, out: str | None = None
+) -> None:
+    """Write the result to ``benchmarks/results/speed-*.json`` or ``out`` (atomically)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "speed-quick.json" if quick else f"speed-{device.type}.json"
     if only == {"trained"}:  # --only trained --trained-run ...: its own file
         name = f"speed-{device.type}-trained-runs.json"
     if only == {"compile"}:  # --only compile: its own file
         name = f"speed-{device.type}-compile{'-quick' if quick else ''}.json"
+    name = out or name
     tmp = RESULTS / (name + ".tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, RESULTS / name)
@@ -585,7 +596,7 @@ def main() -> None:
     text = json.dumps(repo_relative(result), indent=2)
     print(text)
     if not args.no_save:
-        _save(text, quick=args.quick, only=only, device=device)
+        _save(text, quick=args.quick, only=only, device=device, out=args.out)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,9 @@ class RecurrentGate(nn.Module):
         self.embed = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
         self.cell = nn.LSTMCell(embed_dim, hidden_dim)
         self.heads = nn.ModuleList(nn.Linear(hidden_dim, c) for c in out_channels)
-        self._fused: dict[int, tuple[TensorsKey, _EvalWeights]] = {}  # see _eval_weights
+        # eval caches (see _eval_weights): per layer, and the LSTM's own matrices shared by all
+        self._fused: dict[int, tuple[TensorsKey, _EvalWeights]] = {}
+        self._cell_fused: tuple[TensorsKey, tuple[Tensor, Tensor, Tensor]] | None = None
         # True: fuse the eval weights in every step instead of caching them
         # (torch.compile traces the fusion into its graph); also whenever it is compiling.
         self.capturable = False
@@ -111,16 +113,20 @@ class RecurrentGate(nn.Module):
         return self.heads[index](h), (h, c)  # (B, C_out)
 
     def train(self, mode: bool = True) -> RecurrentGate:
-        self._fused.clear()
+        self._drop_caches()
         return super().train(mode)
 
     def _apply(self, fn: Any, recurse: bool = True) -> RecurrentGate:
-        self._fused.clear()  # .to()/.half() may replace parameter objects
+        self._drop_caches()  # .to()/.half() may replace parameter objects
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._fused.clear()  # load_state_dict(assign=True) replaces parameter objects
+        self._drop_caches()  # load_state_dict(assign=True) replaces parameter objects
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _drop_caches(self) -> None:
+        self._fused.clear()
+        self._cell_fused = None
 
     def _eval_weights(self, index: int) -> _EvalWeights:
         """Layer ``index``'s gate as few, pre-transposed matrices for the eval step.
@@ -138,28 +144,45 @@ class RecurrentGate(nn.Module):
             return self._fuse(index)
         hit = self._fused.get(index)
         if hit is None or not hit[0].valid():
-            emb, cell, head = self.embed[index], self.cell, self.heads[index]
-            params = (emb.weight, emb.bias, *cell.parameters(), head.weight, head.bias)
+            emb, head = self.embed[index], self.heads[index]
+            params = (emb.weight, emb.bias, *self.cell.parameters(), head.weight, head.bias)
             hit = (TensorsKey(params), self._fuse(index))
             self._fused[index] = hit
         return hit[1]
 
+    def _cell_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The LSTM's own eval matrices, shared by every layer: the g rows doubled (one
+        sigmoid for four gates), ``W_ih`` (4H, E), ``W_hh^T`` (H, 4H), ``b_ih + b_hh`` (4H,).
+
+        One copy for all layers, so the step reads it from cache rather than a copy per layer.
+        """
+        cell = self.cell
+        cached = not (torch.is_grad_enabled() or self.capturable or is_compiling())
+        if cached and self._cell_fused is not None and self._cell_fused[0].valid():
+            return self._cell_fused[1]
+        hid = cell.hidden_size
+        scale = torch.ones(4 * hid, dtype=cell.weight_ih.dtype, device=cell.weight_ih.device)
+        scale[2 * hid : 3 * hid] = 2.0  # the cell gate g, PyTorch's order i, f, g, o
+        out = (
+            scale[:, None] * cell.weight_ih,
+            (scale[:, None] * cell.weight_hh).t().contiguous(),
+            scale * (cell.bias_ih + cell.bias_hh),
+        )
+        if cached:
+            self._cell_fused = (TensorsKey(cell.parameters()), out)
+        return out
+
     def _fuse(self, index: int) -> _EvalWeights:
         emb, cell, head = self.embed[index], self.cell, self.heads[index]
         hid, e_dim = cell.hidden_size, cell.input_size
-        scale = torch.ones(4 * hid, dtype=cell.weight_ih.dtype, device=cell.weight_ih.device)
-        scale[2 * hid : 3 * hid] = 2.0  # the cell gate g, PyTorch's order i, f, g, o
-        b = scale * (cell.bias_ih + cell.bias_hh)
-        w_hh = (scale[:, None] * cell.weight_hh).t().contiguous()
+        w_ih, w_hh, b = self._cell_weights()
         w_head = head.weight.t().contiguous()
         if emb.in_features * 4 * hid <= (emb.in_features + 4 * hid) * e_dim:  # fuse
-            w_in = (scale[:, None] * (cell.weight_ih @ emb.weight)).t().contiguous()
-            b = b + scale * (cell.weight_ih @ emb.bias)
-            return _EvalWeights(None, None, w_in, b, w_hh, w_head, head.bias)
-        w_in = (scale[:, None] * cell.weight_ih).t().contiguous()
+            w_in = (w_ih @ emb.weight).t().contiguous()
+            return _EvalWeights(None, None, w_in, b + w_ih @ emb.bias, w_hh, w_head, head.bias)
         # W_e as stored (E, C_in), transposed as a view: a product over the long C_in rows
         # runs ~1.5x faster at batch 1 than over a (C_in, E) copy (measured, MKL, 1 thread)
-        return _EvalWeights(emb.weight.t(), emb.bias, w_in, b, w_hh, w_head, head.bias)
+        return _EvalWeights(emb.weight.t(), emb.bias, w_ih.t(), b, w_hh, w_head, head.bias)
 
     def _step_eval(
         self, index: int, x: Tensor, state: tuple[Tensor, Tensor] | None
