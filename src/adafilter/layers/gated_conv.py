@@ -75,6 +75,7 @@ def current_policy_source() -> PolicySource | None:
 
 
 SUBSET_MAX_FRACTION = 0.8  # backward on a filter subset only below this share of filters
+DUAL_EVAL_FRACTION = 0.95  # eval, batch > 1: both full convs when this share is needed from each
 
 
 class _SubsetBackwardConv(torch.autograd.Function):
@@ -454,15 +455,17 @@ class GatedConv2dBN(nn.Module):
             return self._conv(x, w_f, b_f)
         if not need_f.any():
             return self._conv(x, w_s, b_s)
-        if self.conv_s.groups > 1:
-            # A filter subset of a grouped conv would need its input channels regathered too;
-            # grouped (depthwise) convs are cheap, so compute both and select.
-            return torch.where(
-                sel[:, :, None, None], self._conv(x, w_f, b_f), self._conv(x, w_s, b_s)
-            )
         idx_f = need_f.nonzero().squeeze(1)
         idx_s = need_s.nonzero().squeeze(1)
         n_f = idx_f.numel()
+        if self.conv_s.groups > 1 or n_f + idx_s.numel() >= 2 * DUAL_EVAL_FRACTION * len(sel[0]):
+            # A filter subset of a grouped conv would need its input channels regathered too;
+            # grouped (depthwise) convs are cheap, so compute both and select. Where nearly
+            # every filter is needed from both branches (random policies), two convs and a
+            # select beat one conv over both banks and a gather (measured, README).
+            return torch.where(
+                sel[:, :, None, None], self._conv(x, w_f, b_f), self._conv(x, w_s, b_s)
+            )
         out = self._conv(  # (B, n_f + n_s, H', W'): only the filters the batch uses
             x,
             torch.cat([w_f.index_select(0, idx_f), w_s.index_select(0, idx_s)]),
