@@ -1,4 +1,5 @@
-"""Triton gated-BN kernels (layers/kernels.py) against the eager path they replace on CUDA.
+"""Triton gated-BN kernels (layers/kernels.py), forward and backward, against the eager path
+they replace on CUDA.
 
 On CPU they run through Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before
 Triton is imported: a subprocess); skipped where Triton or its interpreter is unavailable. On
@@ -70,6 +71,17 @@ def compare(device: str) -> None:
     scale, shift = (torch.randn(2, 3, generator=gen).to(device) for _ in range(2))
     got = kernels.select_affine(xf, xs, sel, scale, shift)
     torch.testing.assert_close(got, z * scale[:, :, None, None] + shift[:, :, None, None])
+    dy = torch.randn(2, 3, 5, 7, generator=gen).to(device)
+    a, p = kernels.plane_sums(dy, xf, xs)
+    torch.testing.assert_close(a, dy.sum((2, 3)), atol=1e-5, rtol=1e-4)
+    want = torch.stack([(dy * x).sum((2, 3)) for x in (xf, xs)])
+    torch.testing.assert_close(p, want, atol=1e-5, rtol=1e-4)
+    k = torch.randn(3, 2, 2, 3, generator=gen).to(device)  # k1, k2, k3 of F and S
+    got_f, got_s = kernels.branch_grads(dy, xf, xs, sel, k)
+    for r, (got_x, x, routed) in enumerate(((got_f, xf, sel), (got_s, xs, ~sel))):
+        k1, k2, k3 = (k[j, r][:, :, None, None] for j in range(3))
+        want_x = torch.where(routed[:, :, None, None], k1 * dy + k2 * x + k3, 0.0)
+        torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-4)
     for training in (True, False):
         kernels.ENABLED = True
         out_k, rest_k = _run(device, training)
@@ -110,6 +122,10 @@ def test_kernels_reject_bad_shapes() -> None:
     x = torch.zeros(2, 3, 4, 4)
     with pytest.raises(ValueError, match="need xf, xs"):
         kernels.plane_stats(x, x, torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="need dy, xf, xs"):
+        kernels.plane_sums(x[:1], x, x)
+    with pytest.raises(ValueError, match="k \\(3, 2, 2, 3\\)"):
+        kernels.branch_grads(x, x, x, torch.zeros(2, 3, dtype=torch.bool), torch.zeros(3, 2, 2))
 
 
 def test_kernels_off_on_cpu_without_interpreter() -> None:

@@ -287,6 +287,7 @@ class _GatedBNFunction(torch.autograd.Function):
         st = _Stats(*stats)
         ctx.save_for_backward(xf, xs, masks, *st)
         ctx.capturable = capturable
+        ctx.triton = z is None  # the Triton kernels ran the forward: also the backward
         sel = g > 0.5
         # A branch no example uses gets a zero input gradient, passed as a broadcast zero
         # (no memory pass), so that conv's backward can skip its work (e.g. S in a layer whose
@@ -307,20 +308,26 @@ class _GatedBNFunction(torch.autograd.Function):
         xf, xs, masks, *stats = ctx.saved_tensors
         st = _Stats(*stats)
         dy = dy.contiguous()
-        a, p = _per_example_sums(dy, xf, xs, ctx.capturable)  # (B, C), (2, B, C)
-        k1, k2, k3, dgamma, dbeta = _backward_coeffs(st, masks, a, p)
-        k1, k2, k3 = (k[:, :, :, None, None].to(dy.dtype) for k in (k1, k2, k3))
+        if ctx.triton:  # one pass for the three per-plane sums
+            a, p = kernels.plane_sums(dy, xf, xs)  # (B, C), (2, B, C)
+        else:
+            a, p = _per_example_sums(dy, xf, xs, ctx.capturable)
+        k1, k2, k3, dgamma, dbeta = _backward_coeffs(st, masks, a, p)  # (2, B, C) each
         dxs: list[Tensor | None] = []
-        for i, (x, used, need) in enumerate(
-            zip((xf, xs), ctx.used, ctx.needs_input_grad[:2], strict=True)
-        ):
-            if not need:
-                dxs.append(None)
-            elif not used:
-                dxs.append(dy.new_zeros(()).expand_as(dy))
-            else:
-                dx = torch.addcmul(k3[i], dy, k1[i])
-                dxs.append(dx.addcmul_(x, k2[i]))
+        if ctx.triton and all(ctx.needs_input_grad[:2]) and all(ctx.used):
+            dxs += kernels.branch_grads(dy, xf, xs, masks[0] > 0.5, torch.stack([k1, k2, k3]))
+        else:
+            k1, k2, k3 = (k[:, :, :, None, None].to(dy.dtype) for k in (k1, k2, k3))
+            for i, (x, used, need) in enumerate(
+                zip((xf, xs), ctx.used, ctx.needs_input_grad[:2], strict=True)
+            ):
+                if not need:
+                    dxs.append(None)
+                elif not used:
+                    dxs.append(dy.new_zeros(()).expand_as(dy))
+                else:
+                    dx = torch.addcmul(k3[i], dy, k1[i])
+                    dxs.append(dx.addcmul_(x, k2[i]))
         # g entered in the activations' dtype (float32 statistics under autocast)
         dg = _policy_grad(st, a, p).to(dy.dtype) if ctx.needs_input_grad[2] else None
         return (

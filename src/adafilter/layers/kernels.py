@@ -1,4 +1,4 @@
-"""Triton kernels for the gated BN forward (Eq. 5) on CUDA.
+"""Triton kernels for the gated BN (Eq. 5) on CUDA, forward and backward.
 
 The eager forward materialises the selection ``z = where(G, F(x), S(x))`` (Eq. 1), reduces it
 per (example, channel) plane and normalises it: three full passes plus a few small launches.
@@ -9,10 +9,19 @@ Two kernels do the same reading, per plane, only the branch the policy selects:
 * :func:`select_affine`: ``y = x_sel * scale[b, c] + shift[b, c]`` with ``x_sel`` the selected
   branch, i.e. Eq. 5 with each branch's BN folded into a per-(example, channel) affine map.
 
-The per-branch statistics, the degenerate-branch rules and the backward stay in
-:mod:`adafilter.layers.gated_bn` (small (2, C) tensors). Used by default for CUDA tensors in
-eager mode when Triton is importable; ``ADAFILTER_TRITON=0`` (or ``kernels.ENABLED = False``)
-turns it off. Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (tests).
+and two for the backward, which the eager path does in five reductions and four fused
+multiply-adds:
+
+* :func:`plane_sums`: ``sum_hw dy`` and ``sum_hw dy * x`` of both branches per plane, in one
+  pass (the BN backward's sums and the policy gradient's);
+* :func:`branch_grads`: both branches' input gradients in one pass, reading only the routed
+  branch's input per plane.
+
+The per-branch statistics, the degenerate-branch rules and the backward's (2, B, C)
+coefficients stay in :mod:`adafilter.layers.gated_bn` (small tensors). Used by default for
+CUDA tensors in eager mode when Triton is importable; ``ADAFILTER_TRITON=0`` (or
+``kernels.ENABLED = False``) turns it off. Under ``TRITON_INTERPRET=1`` the kernels also
+run on CPU tensors (tests).
 """
 
 from __future__ import annotations
@@ -96,6 +105,64 @@ if triton is not None:
         y = (a + b) * scale + shift  # Eq. 5 with the selected branch's BN as an affine map
         tl.store(out_ptr + ptr, y.to(out_ptr.dtype.element_ty), mask=inside)
 
+    @triton.jit
+    def _plane_sums_kernel(
+        dy_ptr, xf_ptr, xs_ptr, a_ptr, pf_ptr, ps_ptr, hw, BLOCK: tl.constexpr
+    ):  # pragma: no cover - compiled by Triton
+        plane = tl.program_id(0)
+        base = plane.to(tl.int64) * hw
+        offs = tl.arange(0, BLOCK)
+        acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_f = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, hw, BLOCK):  # one pass over dy, F(x), S(x)
+            idx = start + offs
+            inside = idx < hw
+            d = tl.load(dy_ptr + base + idx, mask=inside, other=0.0).to(tl.float32)
+            acc_a += d
+            acc_f += d * tl.load(xf_ptr + base + idx, mask=inside, other=0.0).to(tl.float32)
+            acc_s += d * tl.load(xs_ptr + base + idx, mask=inside, other=0.0).to(tl.float32)
+        tl.store(a_ptr + plane, tl.sum(acc_a, axis=0))
+        tl.store(pf_ptr + plane, tl.sum(acc_f, axis=0))
+        tl.store(ps_ptr + plane, tl.sum(acc_s, axis=0))
+
+    @triton.jit
+    def _branch_grads_kernel(
+        dy_ptr,
+        xf_ptr,
+        xs_ptr,
+        sel_ptr,
+        k_ptr,
+        dxf_ptr,
+        dxs_ptr,
+        hw,
+        planes,
+        BLOCK: tl.constexpr,
+    ):  # pragma: no cover - compiled by Triton
+        plane = tl.program_id(0)
+        take = tl.load(sel_ptr + plane).to(tl.int32)
+        take_f = take != 0
+        # coefficients of the routed branch: k[j, r, plane], j = k1, k2, k3, r = F / S
+        r = tl.where(take_f, 0, 1)
+        k1 = tl.load(k_ptr + (0 * 2 + r) * planes + plane)
+        k2 = tl.load(k_ptr + (1 * 2 + r) * planes + plane)
+        k3 = tl.load(k_ptr + (2 * 2 + r) * planes + plane)
+        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = idx < hw
+        ptr = plane.to(tl.int64) * hw + idx
+        d = tl.load(dy_ptr + ptr, mask=inside, other=0.0).to(tl.float32)
+        # only the routed branch's input is read; the other branch's gradient is zero
+        a = tl.load(xf_ptr + ptr, mask=inside & take_f, other=0.0).to(tl.float32)
+        b = tl.load(xs_ptr + ptr, mask=inside & (take == 0), other=0.0).to(tl.float32)
+        dx = k1 * d + k2 * (a + b) + k3  # BN backward of the routed branch (Eq. 5)
+        zero = tl.zeros([BLOCK], dtype=tl.float32)
+        tl.store(
+            dxf_ptr + ptr, tl.where(take_f, dx, zero).to(dxf_ptr.dtype.element_ty), mask=inside
+        )
+        tl.store(
+            dxs_ptr + ptr, tl.where(take_f, zero, dx).to(dxs_ptr.dtype.element_ty), mask=inside
+        )
+
 
 def _check(xf: Tensor, xs: Tensor, sel: Tensor) -> None:
     if xf.shape != xs.shape or xf.dim() != 4 or sel.shape != xf.shape[:2]:
@@ -144,3 +211,56 @@ def select_affine(xf: Tensor, xs: Tensor, sel: Tensor, scale: Tensor, shift: Ten
     grid = (b * c, triton.cdiv(hw, block))
     _select_affine_kernel[grid](xf, xs, sel, scale, shift, out, hw, BLOCK=block)
     return out
+
+
+def plane_sums(dy: Tensor, xf: Tensor, xs: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_hw dy`` (B, C) and ``sum_hw dy * x`` of both branches (2, B, C), float32, in
+    one pass: the per-plane sums of the gated BN's backward and its policy gradient.
+
+    Args:
+        dy: Gradient of the gated BN's output (B, C, H, W).
+        xf: F branch output, same shape.
+        xs: S branch output, same shape.
+    """
+    if not dy.shape == xf.shape == xs.shape or dy.dim() != 4:
+        raise ValueError(f"need dy, xf, xs (B, C, H, W), got {dy.shape}, {xf.shape}, {xs.shape}")
+    b, c, h, w = dy.shape
+    dy, xf, xs = dy.contiguous(), xf.contiguous(), xs.contiguous()
+    a = torch.empty(b, c, device=dy.device, dtype=torch.float32)
+    p = torch.empty(2, b, c, device=dy.device, dtype=torch.float32)
+    hw = h * w
+    block = min(_BLOCK, triton.next_power_of_2(hw))
+    _plane_sums_kernel[(b * c,)](dy, xf, xs, a, p[0], p[1], hw, BLOCK=block)
+    return a, p
+
+
+def branch_grads(
+    dy: Tensor, xf: Tensor, xs: Tensor, sel: Tensor, k: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Both branches' input gradients of the gated BN in one pass.
+
+    ``dx = k1 * dy + k2 * x + k3`` for the branch each (example, channel) plane is routed to,
+    zero for the other branch; the eager path needs two fused multiply-adds per branch.
+
+    Args:
+        dy: Gradient of the gated BN's output (B, C, H, W).
+        xf: F branch output, same shape.
+        xs: S branch output, same shape.
+        sel: (B, C) bool, True where the plane is routed to F.
+        k: (3, 2, B, C) float32: ``k1, k2, k3`` of the F (row 0) and S (row 1) branches.
+    """
+    _check(xf, xs, sel)
+    b, c, h, w = xf.shape
+    if dy.shape != xf.shape or k.shape != (3, 2, b, c):
+        raise ValueError(
+            f"need dy {tuple(xf.shape)} and k (3, 2, {b}, {c}), got {dy.shape}, {k.shape}"
+        )
+    dy, xf, xs = dy.contiguous(), xf.contiguous(), xs.contiguous()
+    sel = sel.to(torch.uint8).contiguous()
+    k = k.to(torch.float32).contiguous()
+    dxf, dxs = torch.empty_like(dy), torch.empty_like(dy)
+    hw = h * w
+    block = min(_BLOCK, triton.next_power_of_2(hw))
+    grid = (b * c, triton.cdiv(hw, block))
+    _branch_grads_kernel[grid](dy, xf, xs, sel, k, dxf, dxs, hw, b * c, BLOCK=block)
+    return dxf, dxs
