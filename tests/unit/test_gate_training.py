@@ -116,8 +116,9 @@ def test_policy_diversity() -> None:
     assert d["hamming"] == pytest.approx(1.0) and d["fraction_std"] == pytest.approx(0.5)
 
 
-def _known_policy_run(*, steps: int, cut: str | None = None) -> dict[str, float]:
-    """AdaFilter at the default settings on the known-policy task.
+def _known_policy_run(*, steps: int, cut: str | None = None, seed: int = 0) -> dict[str, float]:
+    """AdaFilter at the default settings on the known-policy task; ``seed`` seeds the
+    network's pretraining and the gate's initialisation.
 
     One intra-op thread: the trajectory (like any training run's) depends on summation order,
     which the thread count changes; the benchmark reports the spread over seeds.
@@ -125,13 +126,13 @@ def _known_policy_run(*, steps: int, cut: str | None = None) -> dict[str, float]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _known_policy_steps(steps=steps, cut=cut)
+        return _known_policy_steps(steps=steps, cut=cut, seed=seed)
     finally:
         torch.set_num_threads(threads)
 
 
-def _known_policy_steps(*, steps: int, cut: str | None) -> dict[str, float]:
-    torch.manual_seed(0)
+def _known_policy_steps(*, steps: int, cut: str | None, seed: int) -> dict[str, float]:
+    torch.manual_seed(seed)
     net = pretrain(tiny_net())
     model = adafilter.wrap(net, example_input=torch.zeros(1, 3, 8, 8))  # default config
     defaults = TrainConfig()
@@ -171,15 +172,21 @@ def _no_gradient_binarize(logits: torch.Tensor, ste: str = "identity") -> torch.
 def test_known_policy_is_recovered_at_default_settings(
     cut: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Source images to S, shifted ones to F, in some layer (fails with a frozen/cut gate)."""
+    """Source images to S, shifted ones to F, in some layer (fails with a frozen/cut gate).
+
+    Means over three seeds: one run's routing depends on its trajectory, which summation order
+    alone changes (seeds 0-4 at 600 steps: agreement 0.68-0.95 learned, 0.54-0.70 with a cut
+    gate; a one-seed threshold passed or failed by luck).
+    """
     if cut == "no-gradient":
         monkeypatch.setattr(policies_module, "binarize", _no_gradient_binarize)
-    res = _known_policy_run(steps=600, cut=cut)
-    split = res.get("f_shifted", 0.0) - res.get("f_source", 0.0)
+    runs = [_known_policy_run(steps=600, cut=cut, seed=seed) for seed in range(3)]
+    agreement = sum(r["agreement"] for r in runs) / 3
+    split = sum(r.get("f_shifted", 0.0) - r.get("f_source", 0.0) for r in runs) / 3
     # A gate at bias 0 already routes the two kinds a little differently before any training
-    # (its random weights see the offset): "recovered" means a near-complete split.
-    recovered = res["agreement"] > 0.85 and split > 0.6
+    # (its random weights see the offset): "recovered" means a clear split on average.
+    recovered = agreement > 0.72 and split > 0.4
     if cut is None:
-        assert recovered and res["accuracy"] > 0.93, res
+        assert recovered and sum(r["accuracy"] for r in runs) / 3 > 0.93, runs
     else:
-        assert not recovered, res
+        assert not recovered, runs
