@@ -32,6 +32,7 @@ from paths import repo_relative
 from torch import nn
 
 from adafilter import AdaFilterConfig, AdaFilterModel, wrap
+from adafilter.layers import cpu_gate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -525,6 +526,8 @@ def _inference_rows(
         result["eval_batch1"] = bench_eval(
             *big, 1, reps * 3, device, args.checkpoint, "trained-like"
         )
+        # the compiled CPU gate step runs where `adafilter build-kernels` has built it
+        result["eval_batch1"]["cpu_gate_kernel"] = cpu_gate.get() is not None
     if "eval32" in only:
         result["eval_batch32"] = [
             bench_eval(*big, 32, reps, device, args.checkpoint, p)

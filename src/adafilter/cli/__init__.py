@@ -1,5 +1,5 @@
-"""Command line: ``adafilter train|eval|predict|export|data check|report|demo`` (only module
-that sees argv).
+"""Command line: ``adafilter train|eval|predict|export|data check|report|demo|build-kernels``
+(the only module that sees argv).
 
 One module per subcommand; adding one is a module with one function plus one registration
 line (and its import below)::
@@ -27,7 +27,16 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import AdaFilterError
-from . import data, demo, evaluate, export, predict, report, train  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    data,
+    demo,
+    evaluate,
+    export,
+    kernels,
+    predict,
+    report,
+    train,
+)
 from .base import SUBCOMMANDS, Parser, cli_message, print_error, subcommand
 from .train import GATE_FIELDS, GATE_FLAGS, train_config_from_args
 
@@ -44,7 +53,7 @@ __all__ = [
 
 PLUGINS_ENV = "ADAFILTER_PLUGINS"
 # Order of the subcommands in --help (plugins' own subcommands follow).
-_ORDER = ("train", "eval", "data", "report", "demo", "predict", "export")
+_ORDER = ("train", "eval", "data", "report", "demo", "predict", "export", "build-kernels")
 
 
 def _load_plugins() -> None:

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from . import cpu_gate
 from .cache import TensorsKey
 from .capture import is_compiling
 
@@ -88,7 +89,7 @@ class RecurrentGate(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(hidden_dim, c) for c in out_channels)
         # eval caches (see _eval_weights): per layer, and the LSTM's own matrices shared by all
         self._fused: dict[int, tuple[TensorsKey, _EvalWeights]] = {}
-        self._cell_fused: tuple[TensorsKey, tuple[Tensor, Tensor, Tensor]] | None = None
+        self._cell_fused: tuple[TensorsKey, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None
         # True: fuse the eval weights in every step instead of caching them
         # (torch.compile traces the fusion into its graph); also whenever it is compiling.
         self.capturable = False
@@ -150,9 +151,10 @@ class RecurrentGate(nn.Module):
             self._fused[index] = hit
         return hit[1]
 
-    def _cell_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _cell_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The LSTM's own eval matrices, shared by every layer: the g rows doubled (one
-        sigmoid for four gates), ``W_ih`` (4H, E), ``W_hh^T`` (H, 4H), ``b_ih + b_hh`` (4H,).
+        sigmoid for four gates), ``W_ih`` (4H, E), ``W_ih^T`` (E, 4H), ``W_hh^T`` (H, 4H),
+        ``b_ih + b_hh`` (4H,).
 
         One copy for all layers, so the step reads it from cache rather than a copy per layer.
         """
@@ -163,8 +165,10 @@ class RecurrentGate(nn.Module):
         hid = cell.hidden_size
         scale = torch.ones(4 * hid, dtype=cell.weight_ih.dtype, device=cell.weight_ih.device)
         scale[2 * hid : 3 * hid] = 2.0  # the cell gate g, PyTorch's order i, f, g, o
+        w_ih = scale[:, None] * cell.weight_ih
         out = (
-            scale[:, None] * cell.weight_ih,
+            w_ih,
+            w_ih.t().contiguous(),
             (scale[:, None] * cell.weight_hh).t().contiguous(),
             scale * (cell.bias_ih + cell.bias_hh),
         )
@@ -175,20 +179,24 @@ class RecurrentGate(nn.Module):
     def _fuse(self, index: int) -> _EvalWeights:
         emb, cell, head = self.embed[index], self.cell, self.heads[index]
         hid, e_dim = cell.hidden_size, cell.input_size
-        w_ih, w_hh, b = self._cell_weights()
+        w_ih, w_ih_t, w_hh, b = self._cell_weights()
         w_head = head.weight.t().contiguous()
         if emb.in_features * 4 * hid <= (emb.in_features + 4 * hid) * e_dim:  # fuse
             w_in = (w_ih @ emb.weight).t().contiguous()
             return _EvalWeights(None, None, w_in, b + w_ih @ emb.bias, w_hh, w_head, head.bias)
         # W_e as stored (E, C_in), transposed as a view: a product over the long C_in rows
         # runs ~1.5x faster at batch 1 than over a (C_in, E) copy (measured, MKL, 1 thread)
-        return _EvalWeights(emb.weight.t(), emb.bias, w_ih.t(), b, w_hh, w_head, head.bias)
+        return _EvalWeights(emb.weight.t(), emb.bias, w_ih_t, b, w_hh, w_head, head.bias)
 
     def _step_eval(
         self, index: int, x: Tensor, state: tuple[Tensor, Tensor] | None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The same LSTM step with fused, pre-scaled weights (eval mode; equal up to rounding)."""
         w = self._eval_weights(index)
+        if not (self.capturable or is_compiling()) and cpu_gate.usable(x, w):
+            module = cpu_gate.get()  # the compiled step, where it has been built
+            if module is not None:
+                return cpu_gate.step(module, x, w, state)
         pooled = x.sum((2, 3))  # (B, C_in); the mean's 1/(HW) is the first product's alpha
         if self.detach_input and pooled.requires_grad:
             pooled = pooled.detach()
