@@ -16,6 +16,7 @@ forward never compiles: the first build takes about a minute); ``ADAFILTER_CPU_G
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -129,6 +130,7 @@ std::vector<at::Tensor> step(const at::Tensor& x, const at::Tensor& emb,
 _FLAGS = ["-O3", "-fopenmp-simd", "-march=native"]
 
 
+@functools.cache
 def _name() -> str:
     """Module name: the source, flags, torch version and this CPU (``-march=native`` code must
     not run on another CPU sharing the cache directory)."""

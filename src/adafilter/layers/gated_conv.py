@@ -101,46 +101,53 @@ class _SubsetBackwardConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         x, weight, need = ctx.saved_tensors
-        conv = ctx.conv
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         want_b = want_b and ctx.has_bias
-        n = int(need.sum())
-        c_out = weight.shape[0]
-        if n == 0:  # the caller passes no real gradient for an unused branch
-            gw = torch.zeros_like(weight) if want_w else None
-            gb = weight.new_zeros(c_out) if want_b else None
-            return None, gw, gb, None, None
-        idx = None
-        # Gathering dy costs a pass over it: worth it only when a good share of filters drops
-        # out. (A subset of a grouped conv would also regroup its inputs: never.)
-        if n <= SUBSET_MAX_FRACTION * c_out and conv.groups == 1:
-            idx = need.nonzero().squeeze(1)
-            dy, w = dy.index_select(1, idx), weight.index_select(0, idx)
-        else:
-            w = weight
-        # under autocast the forward conv ran in dy's dtype; compute alike, return as inputs
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            dy,
-            x.to(dy.dtype),
-            w.to(dy.dtype),
-            [w.shape[0]] if want_b else None,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            False,
-            [0, 0],
-            conv.groups,
-            [want_x, want_w, want_b],
-        )
+        idx, dy_u, w_u = _used_filters(dy, weight, need, ctx.conv.groups)
+        gx = gw = gb = None
+        if dy_u is not None:  # an unused branch gets no real gradient from the caller
+            gx, gw, gb = _conv_backward(ctx.conv, dy_u, x, w_u, [want_x, want_w, want_b])
         gx = gx.to(x.dtype) if gx is not None else None
-        gw = gw.to(weight.dtype) if gw is not None else None
-        gb = gb.to(weight.dtype) if gb is not None else None
-        if idx is not None:
-            if want_w:
-                gw = torch.zeros_like(weight).index_copy_(0, idx, gw)
-            if want_b:
-                gb = weight.new_zeros(c_out).index_copy_(0, idx, gb)
+        gw = _scatter(gw, idx, weight) if want_w else None
+        gb = _scatter(gb, idx, weight.new_empty(weight.shape[0])) if want_b else None
         return gx, gw, gb, None, None
+
+
+def _used_filters(
+    dy: Tensor, weight: Tensor, need: Tensor, groups: int
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(idx, dy, w)`` restricted to the filters some example uses (``need`` (C,) bool).
+
+    ``idx`` is ``None`` when all filters are kept: gathering ``dy`` costs a pass over it, worth
+    it only when a good share of filters drops out (and never for a grouped conv, whose subset
+    would also regroup its inputs). ``dy`` and ``w`` are ``None`` when no filter is used.
+    """
+    n = int(need.sum())
+    if n == 0:
+        return None, None, None
+    if n <= SUBSET_MAX_FRACTION * weight.shape[0] and groups == 1:
+        idx = need.nonzero().squeeze(1)
+        return idx, dy.index_select(1, idx), weight.index_select(0, idx)
+    return None, dy, weight
+
+
+def _conv_backward(conv: nn.Conv2d, dy: Tensor, x: Tensor, w: Tensor, mask: list[bool]) -> tuple:
+    """``conv``'s backward for output gradient ``dy`` and filters ``w``; ``mask`` picks
+    (input, weight, bias) gradients. Computed in ``dy``'s dtype: under autocast the forward ran
+    in it."""
+    return torch.ops.aten.convolution_backward(
+        dy,
+        x.to(dy.dtype),
+        w.to(dy.dtype),
+        [w.shape[0]] if mask[2] else None,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        False,
+        [0, 0],
+        conv.groups,
+        mask,
+    )
 
 
 class _DualConv(torch.autograd.Function):
@@ -183,52 +190,24 @@ class _DualConv(torch.autograd.Function):
         conv = ctx.conv
         want_x, want_wf, want_bf, want_ws, want_bs = ctx.needs_input_grad[:5]
         c = w_f.shape[0]
-        dtype = dy_f.dtype  # under autocast the forward ran in this dtype; compute alike
-        xd = x.to(dtype)
-
-        def conv_backward(dy: Tensor, w: Tensor, mask: list[bool]) -> tuple:
-            return torch.ops.aten.convolution_backward(
-                dy,
-                xd,
-                w.to(dtype),
-                [w.shape[0]] if mask[2] else None,
-                conv.stride,
-                conv.padding,
-                conv.dilation,
-                False,
-                [0, 0],
-                1,
-                mask,
-            )
-
-        # per branch: used filter indices (None: all), their gradients and filters
-        branches = []
-        for dy, w, need, want_w, want_b in (
-            (dy_f, w_f, need_f, want_wf, want_bf and ctx.has_bias),
-            (dy_s, w_s, need_s, want_ws, want_bs and ctx.has_bias),
-        ):
-            n = int(need.sum())
-            if n == 0:  # unused branch: zero gradients, no work
-                branches.append((None, None, None, want_w, want_b))
-            elif n <= SUBSET_MAX_FRACTION * c:
-                idx = need.nonzero().squeeze(1)
-                branches.append(
-                    (idx, dy.index_select(1, idx), w.index_select(0, idx), want_w, want_b)
-                )
-            else:
-                branches.append((None, dy, w, want_w, want_b))
-        used = [br for br in branches if br[1] is not None]
-        fuse = want_x and len(used) == 2 and all(br[0] is not None for br in used)
+        # per branch: used filter indices (None: all) and their gradients and filters
+        branches = [
+            (_used_filters(dy_f, w_f, need_f, 1), w_f, want_wf, want_bf and ctx.has_bias),
+            (_used_filters(dy_s, w_s, need_s, 1), w_s, want_ws, want_bs and ctx.has_bias),
+        ]
+        used = [u for u, *_ in branches if u[1] is not None]
+        fuse = want_x and len(used) == 2 and all(idx is not None for idx, _, _ in used)
         gx = None
         if fuse:  # one dL/dx over both branches' used filters
             dy_cat = torch.cat([used[0][1], used[1][1]], 1)
-            gx = conv_backward(dy_cat, torch.cat([used[0][2], used[1][2]]), [True, False, False])[0]
+            w_cat = torch.cat([used[0][2], used[1][2]])
+            gx = _conv_backward(conv, dy_cat, x, w_cat, [True, False, False])[0]
         grads: list[Tensor | None] = []
-        for w, (idx, dy, sub_w, want_w, want_b) in zip((w_f, w_s), branches, strict=True):
+        for (idx, dy, sub_w), w, want_w, want_b in branches:
             want_gx = want_x and not fuse and dy is not None
             gw_u = gb_u = None
             if dy is not None and (want_gx or want_w or want_b):
-                gx_u, gw_u, gb_u = conv_backward(dy, sub_w, [want_gx, want_w, want_b])
+                gx_u, gw_u, gb_u = _conv_backward(conv, dy, x, sub_w, [want_gx, want_w, want_b])
                 if want_gx:
                     gx = gx_u if gx is None else gx.add_(gx_u)
             grads += [_scatter(gw_u, idx, w) if want_w else None]
@@ -458,7 +437,7 @@ class GatedConv2dBN(nn.Module):
         idx_f = need_f.nonzero().squeeze(1)
         idx_s = need_s.nonzero().squeeze(1)
         n_f = idx_f.numel()
-        if self.conv_s.groups > 1 or n_f + idx_s.numel() >= 2 * DUAL_EVAL_FRACTION * len(sel[0]):
+        if self.conv_s.groups > 1 or n_f + idx_s.numel() >= 2 * DUAL_EVAL_FRACTION * sel.shape[1]:
             # A filter subset of a grouped conv would need its input channels regathered too;
             # grouped (depthwise) convs are cheap, so compute both and select. Where nearly
             # every filter is needed from both branches (random policies), two convs and a
