@@ -203,6 +203,24 @@ def perturb_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def mix_policies(model: nn.Module, seed: int = 0) -> nn.Module:
+    """An :class:`~adafilter.AdaFilterModel` whose F differs from S and whose gate mixes fixed
+    and input-dependent decisions (consecutive examples change some of them)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.gated_layers().values():
+            w = layer.conv_f.weight
+            w.add_(0.5 * w.std() * torch.randn(w.shape, generator=gen))
+            bn_f = layer.bn_f if layer.gated_bn else layer.bn
+            bn_f.bias.add_(0.2 * torch.randn(w.shape[0], generator=gen))
+        for head in model.gate.heads:
+            r = torch.rand(head.bias.numel(), generator=gen)
+            head.bias.copy_(torch.where(r < 0.4, 20.0, -20.0))
+            head.bias[r > 0.7] = 0.0
+            head.weight.mul_(5.0)
+    return model
+
+
 # ---- a local HTTP server (downloads are tested on 127.0.0.1; there is no internet) ----------
 
 

@@ -1,22 +1,29 @@
-"""The compiled CPU gate step (``layers/cpu_gate.py``) against the ATen eval step it replaces.
+"""The compiled CPU gate (``layers/cpu_gate.py``) against the ATen eval step it replaces.
 
 Building needs a C++ compiler and ninja and takes about a minute on a fresh machine (slow
-tier); the fallback (nothing built, or an unloadable build: the ATen step, with a warning for
-the latter) is checked in the default tier.
+tier). The default tier checks the fallback (nothing built, or an unloadable build: the ATen
+step, with a warning for the latter) and the batch-1 fused layer's plumbing with
+:func:`_reference_module`, the kernel's contract written in ATen; the slow tier runs the same
+checks with the built kernel.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from torch import Tensor, nn
 
-from adafilter import wrap
+from adafilter import AdaFilterConfig, AdaFilterModel, wrap
 from adafilter.layers import cpu_gate
 from adafilter.layers.gate import RecurrentGate
+from adafilter.layers.gated_conv import policy_source
+from helpers import mix_policies, perturb_bn
 
 
 @pytest.fixture()
@@ -58,12 +65,24 @@ def _gate_outputs(gate: RecurrentGate, xs: list[torch.Tensor]) -> list[torch.Ten
     return out
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """The kernel, compiled once for this module's slow tests into a fresh cache."""
+    if not _has_toolchain():
+        pytest.skip("needs a C++ compiler and ninja")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAFILTER_HOME", str(tmp_path_factory.mktemp("kernels")))
+        mp.setattr(cpu_gate, "_module", None)
+        mp.setattr(cpu_gate, "_looked", False)
+        mp.setattr(cpu_gate, "ENABLED", True)
+        assert cpu_gate.build().is_file()
+        module = cpu_gate.get()
+        assert module is not None
+        yield module
+
+
 @pytest.mark.slow  # compiles the kernel (~1 min on a fresh machine)
-@pytest.mark.skipif(not _has_toolchain(), reason="needs a C++ compiler and ninja")
-def test_built_kernel_equals_the_aten_step(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cpu_gate.build().is_file()
-    module = cpu_gate.get()
-    assert module is not None
+def test_built_kernel_equals_the_aten_step(built: object, monkeypatch: pytest.MonkeyPatch) -> None:
     # layer 0 folds the embedding into the input map, layer 1 keeps it (wide input)
     gate = RecurrentGate([8, 300, 12], [16, 12, 40], embed_dim=6, hidden_dim=5).eval()
     assert gate._eval_weights(0).emb is None and gate._eval_weights(1).emb is not None
@@ -91,3 +110,177 @@ def test_built_kernel_equals_the_aten_step(fresh: Path, monkeypatch: pytest.Monk
         out_a = model(x)
     torch.testing.assert_close(out_k, out_a, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(pol_k[k], v) for k, v in model.policies.items())
+
+
+# ---- the batch-1 fused layer (gate step + merge of the changed filters + conv) --------------
+
+
+def _reference_module() -> SimpleNamespace:
+    """The kernel module's contract in ATen (same arguments, same in-place updates); counts
+    the fused layers it ran in ``.layers``."""
+
+    def step(x, emb, emb_bias, inp, bias, hid, head, head_bias, h0, c0):  # noqa: ANN001, ANN202
+        v = x.mean((2, 3))  # (B, C_in)
+        if emb.numel():
+            v = v @ emb.t() + emb_bias  # (B, E)
+        gates = bias + v @ inp  # (B, 4H), g rows pre-doubled
+        if h0.numel():
+            gates = gates + h0 @ hid
+        i, f, g2, o = torch.sigmoid(gates).chunk(4, 1)
+        c = i * (2 * g2 - 1) + (f * c0 if c0.numel() else 0)
+        h = o * torch.tanh(c)
+        return head_bias + h @ head, h, c
+
+    def layer(x, *args):  # noqa: ANN001, ANN002, ANN202
+        logits, h, c = step(x, *args[:9])
+        prev, w, b, w_f, b_f, w_s, b_s, stride, padding, dilation, groups = args[9:]
+        decisions = logits >= 0  # (1, C_out)
+        changed = (decisions[0] != prev).nonzero().squeeze(1)
+        take = decisions[0, changed]
+        w[changed] = torch.where(take[:, None, None, None], w_f[changed], w_s[changed])
+        b[changed] = torch.where(take, b_f[changed], b_s[changed])
+        prev[changed] = take
+        module.layers += 1
+        return F.conv2d(x, w, b, stride, padding, dilation, groups), decisions, h, c
+
+    module = SimpleNamespace(step=step, layer=layer, layers=0)
+    return module
+
+
+class _Varied(nn.Module):
+    """Conv-BN pairs with what the fused layer passes to the conv: a bias, stride, dilation,
+    groups; and a string padding, which keeps the unfused path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=2, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 16, 3, padding="same", bias=False), nn.BatchNorm2d(16)
+        self.c4, self.b4 = nn.Conv2d(16, 12, 1), nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv, bn in ((self.c1, self.b1), (self.c2, self.b2), (self.c3, self.b3)):
+            x = F.relu(bn(conv(x)))  # (B, C, H, W)
+        return self.fc(self.b4(self.c4(x)).mean((2, 3)))  # (B, 5)
+
+
+class _Fixed:
+    """A policy source that replays given decisions (the reference forward)."""
+
+    def __init__(self, decisions: dict[int, Tensor]) -> None:
+        self.decisions = decisions
+
+    def policy(self, index: int, x: Tensor) -> Tensor:
+        return self.decisions[index].to(x.dtype)
+
+    def compiled_step(self, index: int, x: Tensor) -> None:
+        return None
+
+    def record(self, *args: object) -> None:
+        raise AssertionError("no compiled step was offered")
+
+
+_FUSED_MODELS = {  # name: (builder, gated layers that fuse)
+    "varied": (lambda: wrap(perturb_bn(_Varied()), example_input=torch.zeros(1, 3, 12, 12)), 3),
+    "resnet18": (lambda: wrap(perturb_bn(torchvision.models.resnet18(num_classes=5))), 20),
+    "resnet18-standard-bn": (
+        lambda: wrap(
+            perturb_bn(torchvision.models.resnet18(num_classes=5)),
+            config=AdaFilterConfig(gated_bn=False),
+        ),
+        20,
+    ),
+}
+
+
+def _check_fused_layers(model: AdaFilterModel, fused: int, res: int) -> None:
+    """A sequence of examples through the fused layers: each output equals the dual path
+    (both convs and BNs, no caches) under the decisions the kernel made, and those decisions
+    are the ATen gate's wherever its logit is not within rounding of 0."""
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, 3, res, res, generator=gen) for _ in range(4)]
+    calls = []
+    real = cpu_gate.layer
+    changed = 0
+    previous: dict[int, Tensor] | None = None
+    for x in xs + xs[::-1]:
+        cpu_gate.layer = lambda *a: calls.append(1) or real(*a)  # type: ignore[assignment]
+        try:
+            with torch.no_grad():
+                out = model(x)
+        finally:
+            cpu_gate.layer = real  # type: ignore[assignment]
+        assert len(calls) == fused
+        calls.clear()
+        decisions = dict(model._decisions)
+        with torch.enable_grad(), policy_source(_Fixed(decisions)):
+            want = model.model(x).detach()
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_gate, "get", lambda: None)  # the ATen step
+            logits = model.policy_logits(x)
+        for i, name in enumerate(model.gated_layer_names):
+            sure = logits[name].abs() > 1e-4
+            assert torch.equal(decisions[i].bool()[sure], (logits[name] >= 0)[sure]), name
+        if previous is not None:
+            changed += sum(int((decisions[i] != previous[i]).sum()) for i in decisions)
+        previous = decisions
+    assert changed > 0  # the filter banks were updated in place, not only built
+
+
+@pytest.mark.parametrize("name", list(_FUSED_MODELS))
+def test_fused_layer_plumbing(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a kernel module present, batch-1 eval runs each gated layer as one fused call
+    (except string padding) and equals the dual path; the reference module stands in."""
+    module = _reference_module()
+    monkeypatch.setattr(cpu_gate, "get", lambda: module)
+    build, fused = _FUSED_MODELS[name]
+    torch.manual_seed(0)
+    model = mix_policies(build()).eval()
+    _check_fused_layers(model, fused, 12 if name == "varied" else 32)
+
+
+def test_fused_layer_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch > 1, gradients on, training, kept logits, non-learned modes, the CNN gate and
+    a disabled kernel all keep the unfused path."""
+    module = _reference_module()
+    monkeypatch.setattr(cpu_gate, "get", lambda: module)
+    torch.manual_seed(0)
+    model = mix_policies(wrap(torchvision.models.resnet18(num_classes=5))).eval()
+    x1, x2 = torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x1)
+    assert module.layers == 20  # the positive control
+    module.layers = 0
+    with torch.no_grad():
+        model(x2)
+        model.policy_logits(x1)
+        for mode in ("random", "finetuned", "pretrained"):
+            model.set_policy_mode(mode, seed=0)
+            model(x1)
+        model.set_policy_mode("learned")
+        model.train()
+        model(x1)
+    model.eval()
+    model(x1)  # gradients on
+    monkeypatch.setattr(cpu_gate, "get", lambda: None)  # disabled / not built
+    with torch.no_grad():
+        model(x1)
+    cnn = wrap(torchvision.models.resnet18(num_classes=5), config=AdaFilterConfig(gate="cnn"))
+    cnn.eval()
+    monkeypatch.setattr(cpu_gate, "get", lambda: module)
+    with torch.no_grad():
+        cnn(x1)
+    assert module.layers == 0
+
+
+@pytest.mark.slow  # compiles the kernel (~1 min on a fresh machine, once per module)
+@pytest.mark.parametrize("name", list(_FUSED_MODELS))
+def test_built_fused_layer(name: str, built: object) -> None:
+    assert cpu_gate.get() is built
+    build, fused = _FUSED_MODELS[name]
+    torch.manual_seed(0)
+    model = mix_policies(build()).eval()
+    _check_fused_layers(model, fused, 12 if name == "varied" else 32)

@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from adafilter import AdaFilterModel, wrap
-from helpers import perturb_bn
+from helpers import mix_policies, perturb_bn
 
 
 def _model(seed: int = 0) -> AdaFilterModel:
@@ -21,18 +21,7 @@ def _model(seed: int = 0) -> AdaFilterModel:
     decisions (so that consecutive examples change some of them)."""
     torch.manual_seed(seed)
     model = wrap(perturb_bn(torchvision.models.resnet18(num_classes=10), seed))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.gated_layers().values():
-            w = layer.conv_f.weight
-            w.add_(0.5 * w.std() * torch.randn(w.shape, generator=gen))
-            layer.bn_f.bias.add_(0.2 * torch.randn(w.shape[0], generator=gen))
-        for head in model.gate.heads:
-            r = torch.rand(head.bias.numel(), generator=gen)
-            head.bias.copy_(torch.where(r < 0.4, 20.0, -20.0))
-            head.bias[r > 0.7] = 0.0
-            head.weight.mul_(5.0)
-    return model.eval()
+    return mix_policies(model, seed).eval()
 
 
 def _fast(model: AdaFilterModel, x: torch.Tensor, inference: bool = False) -> torch.Tensor:

@@ -25,10 +25,10 @@ import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .gate import _EvalWeights
@@ -41,6 +41,7 @@ SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 // y[0:n] += a * x[0:n]
@@ -49,81 +50,146 @@ static inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+struct Gate {  // one layer's eval weights (see _EvalWeights), validated once per call
+  const float *emb, *emb_bias, *inp, *bias, *hid, *head, *head_bias;
+  int64_t C, E, K, G4, Hd, Co;
+};
+
+static Gate gate_weights(const at::Tensor& x, const at::Tensor& emb, const at::Tensor& emb_bias,
+                         const at::Tensor& inp, const at::Tensor& bias, const at::Tensor& hid,
+                         const at::Tensor& head, const at::Tensor& head_bias,
+                         const at::Tensor& h0, const at::Tensor& c0) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x must be (B, C, H, W) float32");
+  for (const at::Tensor* t : {&emb, &emb_bias, &inp, &bias, &hid, &head, &head_bias, &h0, &c0})
+    TORCH_CHECK(t->numel() == 0 || (t->is_contiguous() && t->scalar_type() == at::kFloat),
+                "gate weights must be contiguous float32");
+  const bool has_emb = emb.numel() > 0;
+  Gate g{has_emb ? emb.data_ptr<float>() : nullptr,
+         has_emb ? emb_bias.data_ptr<float>() : nullptr,
+         inp.data_ptr<float>(), bias.data_ptr<float>(), hid.data_ptr<float>(),
+         head.data_ptr<float>(), head_bias.data_ptr<float>(),
+         x.size(1), has_emb ? emb.size(0) : 0, inp.size(0), inp.size(1), inp.size(1) / 4,
+         head.size(1)};
+  TORCH_CHECK(g.K == (has_emb ? g.E : g.C), "input map does not match the input channels");
+  TORCH_CHECK(!has_emb || emb.size(1) == g.C, "embedding does not match the input channels");
+  return g;
+}
+
+// The gate for one example: its input planes xp (C, HW) -> logits lp (Co), state hp, cp (Hd);
+// h0, c0 (Hd) or null. The g rows are pre-doubled: tanh(g) = 2 sigmoid(2 g) - 1.
+static void gate_one(const Gate& g, const float* xp, int64_t HW, const float* h0,
+                     const float* c0, float* lp, float* hp, float* cp) {
+  std::vector<float> pooled(g.C), e(std::max<int64_t>(g.E, 1)), gates(g.G4);
+  const float alpha = 1.f / static_cast<float>(HW);
+  // global average pool, over ATen's threads for large inputs (the early layers)
+  at::parallel_for(0, g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const float* p = xp + ch * HW;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < HW; ++i) acc += p[i];
+      pooled[ch] = acc * alpha;
+    }
+  });
+  const float* v = pooled.data();
+  if (g.emb) {  // the layer's 1x1 conv on the pooled vector
+    for (int64_t j = 0; j < g.E; ++j) {
+      const float* row = g.emb + j * g.C;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < g.C; ++i) acc += row[i] * v[i];
+      e[j] = acc + g.emb_bias[j];
+    }
+    v = e.data();
+  }
+  std::copy(g.bias, g.bias + g.G4, gates.begin());
+  for (int64_t k = 0; k < g.K; ++k) axpy(v[k], g.inp + k * g.G4, gates.data(), g.G4);
+  if (h0)
+    for (int64_t j = 0; j < g.Hd; ++j) axpy(h0[j], g.hid + j * g.G4, gates.data(), g.G4);
+  const int64_t Hd = g.Hd;
+  for (int64_t j = 0; j < Hd; ++j) {  // the LSTM cell, PyTorch's gate order i, f, g, o
+    const float i_ = 1.f / (1.f + std::exp(-gates[j]));
+    const float f_ = 1.f / (1.f + std::exp(-gates[Hd + j]));
+    const float g2 = 1.f / (1.f + std::exp(-gates[2 * Hd + j]));
+    const float o_ = 1.f / (1.f + std::exp(-gates[3 * Hd + j]));
+    float cc = i_ * (2.f * g2 - 1.f);
+    if (c0) cc += f_ * c0[j];
+    cp[j] = cc;
+    hp[j] = o_ * std::tanh(cc);
+  }
+  std::copy(g.head_bias, g.head_bias + g.Co, lp);
+  for (int64_t j = 0; j < Hd; ++j) axpy(hp[j], g.head + j * g.Co, lp, g.Co);
+}
+
 // One eval step of the recurrent gate for every example of x (B, C_in, H, W), float32.
 // emb (E, C_in) and emb_bias (E) or empty; inp (K, 4H); bias (4H); hid (H, 4H);
-// head (H, C_out); head_bias (C_out); h0, c0 (B, H) or empty. The g rows are pre-doubled:
-// tanh(g) = 2 sigmoid(2 g) - 1. Returns logits (B, C_out), h, c (B, H).
+// head (H, C_out); head_bias (C_out); h0, c0 (B, H) or empty.
+// Returns logits (B, C_out), h, c (B, H).
 std::vector<at::Tensor> step(const at::Tensor& x, const at::Tensor& emb,
                              const at::Tensor& emb_bias, const at::Tensor& inp,
                              const at::Tensor& bias, const at::Tensor& hid,
                              const at::Tensor& head, const at::Tensor& head_bias,
                              const at::Tensor& h0, const at::Tensor& c0) {
-  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "x must be (B, C, H, W) float32");
-  const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t K = inp.size(0), G4 = inp.size(1), Hd = G4 / 4, Co = head.size(1);
-  const bool has_emb = emb.numel() > 0, has_state = h0.numel() > 0;
-  const int64_t E = has_emb ? emb.size(0) : 0;
-  TORCH_CHECK(K == (has_emb ? E : C), "input map does not match the input channels");
-  TORCH_CHECK(!has_emb || emb.size(1) == C, "embedding does not match the input channels");
-  for (const at::Tensor* t : {&emb, &emb_bias, &inp, &bias, &hid, &head, &head_bias, &h0, &c0})
-    TORCH_CHECK(t->numel() == 0 || (t->is_contiguous() && t->scalar_type() == at::kFloat),
-                "gate weights must be contiguous float32");
+  const Gate g = gate_weights(x, emb, emb_bias, inp, bias, hid, head, head_bias, h0, c0);
+  const int64_t B = x.size(0), HW = x.size(2) * x.size(3);
+  const bool has_state = h0.numel() > 0;
   const at::Tensor xc = x.contiguous();
-  at::Tensor logits = at::empty({B, Co}, x.options());
-  at::Tensor h = at::empty({B, Hd}, x.options()), c = at::empty({B, Hd}, x.options());
-  std::vector<float> pooled(C), e(has_emb ? E : 1), gates(G4);
-  const float alpha = 1.f / static_cast<float>(HW);
-  const float* xp = xc.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    // global average pool, over ATen's threads for large inputs (the early layers)
-    at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t ch = begin; ch < end; ++ch) {
-        const float* p = xp + (b * C + ch) * HW;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < HW; ++i) acc += p[i];
-        pooled[ch] = acc * alpha;
-      }
-    });
-    const float* v = pooled.data();
-    if (has_emb) {  // the layer's 1x1 conv on the pooled vector
-      const float* we = emb.data_ptr<float>();
-      for (int64_t j = 0; j < E; ++j) {
-        const float* row = we + j * C;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < C; ++i) acc += row[i] * v[i];
-        e[j] = acc + emb_bias.data_ptr<float>()[j];
-      }
-      v = e.data();
-    }
-    std::copy(bias.data_ptr<float>(), bias.data_ptr<float>() + G4, gates.begin());
-    const float* wi = inp.data_ptr<float>();
-    for (int64_t k = 0; k < K; ++k) axpy(v[k], wi + k * G4, gates.data(), G4);
-    float* hp = h.data_ptr<float>() + b * Hd;
-    float* cp = c.data_ptr<float>() + b * Hd;
-    if (has_state) {
-      const float* wh = hid.data_ptr<float>();
-      const float* hprev = h0.data_ptr<float>() + b * Hd;
-      for (int64_t j = 0; j < Hd; ++j) axpy(hprev[j], wh + j * G4, gates.data(), G4);
-    }
-    for (int64_t j = 0; j < Hd; ++j) {  // the LSTM cell, PyTorch's gate order i, f, g, o
-      const float i_ = 1.f / (1.f + std::exp(-gates[j]));
-      const float f_ = 1.f / (1.f + std::exp(-gates[Hd + j]));
-      const float g2 = 1.f / (1.f + std::exp(-gates[2 * Hd + j]));
-      const float o_ = 1.f / (1.f + std::exp(-gates[3 * Hd + j]));
-      float cc = i_ * (2.f * g2 - 1.f);
-      if (has_state) cc += f_ * c0.data_ptr<float>()[b * Hd + j];
-      cp[j] = cc;
-      hp[j] = o_ * std::tanh(cc);
-    }
-    float* lp = logits.data_ptr<float>() + b * Co;
-    std::copy(head_bias.data_ptr<float>(), head_bias.data_ptr<float>() + Co, lp);
-    const float* wo = head.data_ptr<float>();
-    for (int64_t j = 0; j < Hd; ++j) axpy(hp[j], wo + j * Co, lp, Co);
-  }
+  at::Tensor logits = at::empty({B, g.Co}, x.options());
+  at::Tensor h = at::empty({B, g.Hd}, x.options()), c = at::empty({B, g.Hd}, x.options());
+  for (int64_t b = 0; b < B; ++b)
+    gate_one(g, xc.data_ptr<float>() + b * g.C * HW, HW,
+             has_state ? h0.data_ptr<float>() + b * g.Hd : nullptr,
+             has_state ? c0.data_ptr<float>() + b * g.Hd : nullptr,
+             logits.data_ptr<float>() + b * g.Co, h.data_ptr<float>() + b * g.Hd,
+             c.data_ptr<float>() + b * g.Hd);
   return {logits, h, c};
+}
+
+// A whole gated layer at batch 1 (eval): the gate step as in `step`, the decisions
+// logits >= 0 (Eq. 2), the example's filter bank w (C_out, ...), b (C_out) updated in place
+// where a decision differs from prev (C_out, bool; updated too) from the BN-folded banks
+// w_f/b_f (True) or w_s/b_s, then the conv. Returns y, decisions (1, C_out) bool, h, c (1, H).
+std::vector<at::Tensor> layer(const at::Tensor& x, const at::Tensor& emb,
+                              const at::Tensor& emb_bias, const at::Tensor& inp,
+                              const at::Tensor& bias, const at::Tensor& hid,
+                              const at::Tensor& head, const at::Tensor& head_bias,
+                              const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& prev,
+                              const at::Tensor& w, const at::Tensor& b, const at::Tensor& w_f,
+                              const at::Tensor& b_f, const at::Tensor& w_s,
+                              const at::Tensor& b_s, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups) {
+  const Gate g = gate_weights(x, emb, emb_bias, inp, bias, hid, head, head_bias, h0, c0);
+  TORCH_CHECK(x.size(0) == 1, "the fused layer runs batch 1");
+  const int64_t Co = g.Co;
+  for (const at::Tensor* t : {&w, &b, &w_f, &b_f, &w_s, &b_s})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat && t->size(0) == Co,
+                "filter banks must be contiguous float32 with one row per decision");
+  TORCH_CHECK(prev.is_contiguous() && prev.scalar_type() == at::kBool && prev.numel() == Co,
+              "prev must hold one bool per filter");
+  const at::Tensor xc = x.contiguous();
+  const bool has_state = h0.numel() > 0;
+  std::vector<float> logits(Co);
+  at::Tensor h = at::empty({1, g.Hd}, x.options()), c = at::empty({1, g.Hd}, x.options());
+  gate_one(g, xc.data_ptr<float>(), x.size(2) * x.size(3),
+           has_state ? h0.data_ptr<float>() : nullptr, has_state ? c0.data_ptr<float>() : nullptr,
+           logits.data(), h.data_ptr<float>(), c.data_ptr<float>());
+  at::Tensor dec = at::empty({1, Co}, x.options().dtype(at::kBool));
+  bool* dp = dec.data_ptr<bool>();
+  bool* pp = prev.data_ptr<bool>();
+  const int64_t row = w.numel() / std::max<int64_t>(Co, 1);
+  float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  for (int64_t j = 0; j < Co; ++j) {
+    dp[j] = logits[j] >= 0.f;
+    if (dp[j] == pp[j]) continue;  // consecutive inputs share most decisions
+    const at::Tensor& src_w = dp[j] ? w_f : w_s;
+    std::memcpy(wp + j * row, src_w.data_ptr<float>() + j * row, row * sizeof(float));
+    bp[j] = (dp[j] ? b_f : b_s).data_ptr<float>()[j];
+    pp[j] = dp[j];
+  }
+  at::Tensor y = at::conv2d(x, w, b, stride, padding, dilation, groups);
+  return {y, dec, h, c};
 }
 """
 
@@ -183,7 +249,7 @@ def build(*, verbose: bool = False) -> Path:
         _module = load_inline(
             name=_name(),
             cpp_sources=SOURCE,
-            functions=["step"],
+            functions=["step", "layer"],
             extra_cflags=_FLAGS,
             build_directory=str(out),
             verbose=verbose,
@@ -227,25 +293,68 @@ def usable(x: Tensor, w: _EvalWeights) -> bool:
     )
 
 
+_EMPTY = torch.empty(0)  # absent optional arguments (no embedding, no state yet)
+
+
 def step(
     module: ModuleType, x: Tensor, w: _EvalWeights, state: tuple[Tensor, Tensor] | None
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """:meth:`~.gate.RecurrentGate._step_eval` through the kernel (same weights and results,
     up to summation order)."""
-    empty = x.new_empty(0)
-    emb = empty if w.emb is None else w.emb.t()  # (E, C_in), the stored layout
-    emb_bias = empty if w.emb_bias is None else w.emb_bias.detach()
-    h0, c0 = state if state is not None else (empty, empty)
-    logits, h, c = module.step(
+    h0, c0 = state if state is not None else (_EMPTY, _EMPTY)
+    logits, h, c = module.step(x, *_gate_args(w), h0, c0)
+    return logits, (h, c)
+
+
+class LayerStep(NamedTuple):
+    """The gate's compiled step for one gated layer, which runs it fused with its conv."""
+
+    module: ModuleType
+    weights: _EvalWeights
+    state: tuple[Tensor, Tensor] | None  # the LSTM state before this layer
+
+
+class FilterBank(NamedTuple):
+    """A batch-1 example's merged filters and the decisions they were merged for (CPU)."""
+
+    prev: Tensor  # (C_out,) bool: the decisions ``weight`` and ``bias`` hold
+    weight: Tensor  # (C_out, C_in / groups, kh, kw), BN folded in
+    bias: Tensor  # (C_out,)
+
+
+def layer(
+    step: LayerStep,
+    x: Tensor,
+    bank: FilterBank,
+    folded: tuple[Tensor, Tensor, Tensor, Tensor],
+    conv: nn.Conv2d,
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """A gated layer's whole batch-1 eval in one call: the gate step, its decisions (Eq. 2),
+    ``bank`` updated in place where a decision changed (from ``folded`` = BN-folded
+    ``(w_f, b_f, w_s, b_s)``), and the conv with ``bank``'s filters.
+
+    Returns:
+        The layer's output (1, C_out, H', W'), the decisions (1, C_out) bool (True = F) and
+        the new LSTM state.
+    """
+    h0, c0 = step.state if step.state is not None else (_EMPTY, _EMPTY)
+    y, decisions, h, c = step.module.layer(
         x,
-        emb.detach(),
-        emb_bias,
-        w.inp,
-        w.bias,
-        w.hid,
-        w.head,
-        w.head_bias.detach(),
+        *_gate_args(step.weights),
         h0,
         c0,
+        *bank,
+        *folded,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
     )
-    return logits, (h, c)
+    return y, decisions, (h, c)
+
+
+def _gate_args(w: _EvalWeights) -> tuple[Tensor, ...]:
+    """The eval weights in the kernel's argument order; the kernel only reads them."""
+    emb = _EMPTY if w.emb is None else w.emb.t()  # (E, C_in), the stored layout
+    emb_bias = _EMPTY if w.emb_bias is None else w.emb_bias
+    return emb, emb_bias, w.inp, w.bias, w.hid, w.head, w.head_bias

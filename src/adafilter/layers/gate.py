@@ -188,6 +188,20 @@ class RecurrentGate(nn.Module):
         # runs ~1.5x faster at batch 1 than over a (C_in, E) copy (measured, MKL, 1 thread)
         return _EvalWeights(emb.weight.t(), emb.bias, w_ih_t, b, w_hh, w_head, head.bias)
 
+    def compiled_step(
+        self, index: int, x: Tensor, state: tuple[Tensor, Tensor] | None
+    ) -> cpu_gate.LayerStep | None:
+        """Layer ``index``'s eval step as the compiled CPU kernel, for the layer to run fused
+        with its conv; ``None`` where it cannot run (training, capture, not built, not a
+        float32 CPU input without autograd)."""
+        if self.training or self.capturable or is_compiling() or torch.is_grad_enabled():
+            return None
+        module = cpu_gate.get()  # where it has been built
+        if module is None:
+            return None
+        w = self._eval_weights(index)
+        return cpu_gate.LayerStep(module, w, state) if cpu_gate.usable(x, w) else None
+
     def _step_eval(
         self, index: int, x: Tensor, state: tuple[Tensor, Tensor] | None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import cpu_gate
 from .cache import TensorsKey
 from .capture import is_compiling, is_dynamo_compiling
 from .gated_bn import gated_batch_norm
@@ -41,6 +42,15 @@ class PolicySource(Protocol):
         Values are 0./1. floats (1 = fine-tuned filter) that may carry gradient, or bools
         (True = fine-tuned) when gradients are off.
         """
+        ...
+
+    def compiled_step(self, index: int, x: Tensor) -> cpu_gate.LayerStep | None:
+        """Instead of :meth:`policy`: the compiled gate step for the layer to run fused with
+        its conv (batch-1 CPU inference), or ``None`` where there is none."""
+        ...
+
+    def record(self, index: int, decisions: Tensor, state: tuple[Tensor, Tensor]) -> None:
+        """The decisions and gate state of a layer that ran :meth:`compiled_step`."""
         ...
 
 
@@ -298,8 +308,8 @@ class GatedConv2dBN(nn.Module):
             self.bn = bn
         self._fold_key: TensorsKey | None = None
         self._fold: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-        # batch-1 merged filters: decisions, weight, bias, numpy views (see _merge)
-        self._merged: tuple[np.ndarray, Tensor, Tensor, list] | None = None
+        # batch-1 merged filters and their numpy views (see _bank)
+        self._merged: tuple[cpu_gate.FilterBank, list] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -319,9 +329,14 @@ class GatedConv2dBN(nn.Module):
             raise RuntimeError(
                 "a gated layer ran outside an AdaFilterModel forward; call the wrapping model"
             )
-        g = source.policy(self.index, x)  # (B, C_out) in {0, 1}
         capturable = self.capturable or is_compiling()
-        if not self.training and self.fast_eval and not torch.is_grad_enabled():
+        fast = not self.training and self.fast_eval and not torch.is_grad_enabled()
+        if fast and not capturable and x.shape[0] == 1 and x.device.type == "cpu":
+            y = self._forward_compiled(source, x)
+            if y is not None:
+                return y
+        g = source.policy(self.index, x)  # (B, C_out) in {0, 1}
+        if fast:
             sel = g if g.dtype == torch.bool else g > 0.5  # (B, C_out)
             if capturable:
                 return self._forward_fast_capturable(x, sel)
@@ -459,6 +474,40 @@ class GatedConv2dBN(nn.Module):
         y = out.contiguous().view(b * n, h * w).index_select(0, rows.flatten())  # NCHW rows
         return y.view(b, -1, h, w)  # (B, C, H', W')
 
+    def _forward_compiled(self, source: PolicySource, x: Tensor) -> Tensor | None:
+        """Batch-1 CPU eval through the compiled kernel: the gate step, the merge of the
+        changed filters and the conv in one call (``None`` where it cannot run)."""
+        conv = self.conv_s
+        if isinstance(conv.padding, str):  # 'same'/'valid': the kernel takes explicit padding
+            return None
+        step = source.compiled_step(self.index, x)
+        if step is None:
+            return None
+        folded = self._folded()
+        if folded[0].dtype != torch.float32:
+            return None
+        bank, _ = self._bank(folded)
+        y, decisions, state = cpu_gate.layer(step, x, bank, folded, conv)
+        source.record(self.index, decisions, state)
+        return y  # (1, C_out, H', W')
+
+    def _bank(
+        self, folded: tuple[Tensor, Tensor, Tensor, Tensor]
+    ) -> tuple[cpu_gate.FilterBank, list]:
+        """The batch-1 filter bank, made on first use as S's filters with all decisions
+        ``False``; then updated in place, by :meth:`_merge` or the compiled kernel."""
+        if self._merged is None:
+            w_f, b_f, w_s, b_s = folded
+            bank = cpu_gate.FilterBank(
+                torch.zeros(w_s.shape[0], dtype=torch.bool), w_s.clone(), b_s.clone()
+            )
+            # numpy views of (decisions, merged, F, S), made once: each .numpy() is several
+            # dispatches. The bank is this cache's own (nothing else holds it), so writing
+            # through numpy is safe, also for tensors made under inference_mode.
+            ts = ((bank.weight, w_f, w_s), (bank.bias, b_f, b_s))
+            self._merged = (bank, [bank.prev.numpy(), *(tuple(map(_bits, t)) for t in ts)])
+        return self._merged
+
     def _merge(
         self, sel: Tensor, w_f: Tensor, b_f: Tensor, w_s: Tensor, b_s: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -470,16 +519,8 @@ class GatedConv2dBN(nn.Module):
         copied in numpy: a few microseconds, where the same in ATen took ~15 operations a layer.
         """
         now = sel.numpy()  # (C,) bool, shares memory with ``sel``
-        if self._merged is None:
-            w = torch.where(sel.view(-1, 1, 1, 1), w_f, w_s)
-            b = torch.where(sel, b_f, b_s)
-            # numpy views of (merged, F, S) weights and biases, made once: each .numpy() is
-            # several dispatches. w, b are this cache's own tensors (nothing else holds them),
-            # so writing through numpy is safe, also for ones made under inference_mode.
-            views = [tuple(map(_bits, ts)) for ts in ((w, w_f, w_s), (b, b_f, b_s))]
-            self._merged = (now.copy(), w, b, views)
-            return w, b
-        prev, w, b, views = self._merged
+        bank, (prev, *views) = self._bank((w_f, b_f, w_s, b_s))
+        w, b = bank.weight, bank.bias
         diff = now != prev
         if diff.any():
             changed = diff.nonzero()[0]

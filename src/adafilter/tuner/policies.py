@@ -10,6 +10,7 @@ from torch import Tensor
 from ..layers.gate import CNNGate, RecurrentGate, binarize
 
 if TYPE_CHECKING:
+    from ..layers.cpu_gate import LayerStep
     from .model import AdaFilterModel
 
 __all__ = ["ForwardPolicies"]
@@ -68,3 +69,24 @@ class ForwardPolicies:
             g = x.new_full((b, c), 1.0 if mode == "finetuned" else 0.0)
         self.decisions[index] = g.detach() if g.requires_grad else g  # no graph kept alive
         return g
+
+    def compiled_step(self, index: int, x: Tensor) -> LayerStep | None:
+        """The learned gate's compiled CPU step for layer ``index``, which the layer runs fused
+        with its conv and reports back through :meth:`record`; ``None`` where the policy comes
+        another way (other modes, the CNN gate, training, kept logits, kernel not built)."""
+        owner = self.owner
+        if (
+            owner.policy_mode != "learned"
+            or owner.training
+            or self.cnn_logits is not None
+            or self.logits is not None
+        ):
+            return None
+        assert isinstance(owner.gate, RecurrentGate)
+        return owner.gate.compiled_step(index, x, self.state)
+
+    def record(self, index: int, decisions: Tensor, state: tuple[Tensor, Tensor]) -> None:
+        """Layer ``index`` ran :meth:`compiled_step`: its (B, C_out) bool decisions and the
+        LSTM state after it."""
+        self.decisions[index] = decisions
+        self.state = state
