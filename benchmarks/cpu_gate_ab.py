@@ -1,11 +1,10 @@
 """Batch-1 eval with the compiled CPU gate step vs the ATen step, in one process (issue 14).
 
 Plain fine-tuning, AdaFilter with the ATen gate step and AdaFilter with the kernel
-(``adafilter build-kernels`` must have built it under ``$ADAFILTER_HOME``) take turns on the
+(built under ``$ADAFILTER_HOME`` first where missing) take turns on the
 same inputs (torchvision ResNet-50 @224, speed.py's trained-like gate); medians. Prints one
 JSON line; ``--out FILE`` also appends it to FILE (a JSON list, written atomically).
 
-    adafilter build-kernels
     python benchmarks/cpu_gate_ab.py --threads 2 --reps 40 --out benchmarks/results/cpu-gate-ab.json
 """
 
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from speed import _build, _cpu_model, _make_trained_like
+from speed import _build, _cpu_model, _make_trained_like, ensure_cpu_gate
 
 from adafilter import wrap
 from adafilter.layers import cpu_gate
@@ -32,10 +31,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    if cpu_gate.get() is None:
-        raise SystemExit(
-            "error: the CPU gate kernel is not built here; run: adafilter build-kernels"
-        )
+    if not ensure_cpu_gate():
+        raise SystemExit("error: the CPU gate kernel cannot be built or is turned off here")
     torch.set_num_threads(args.threads)
     plain = _build("resnet50", torch.device("cpu")).eval()
     ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, 224, 224)).eval()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from speed import _build, _make_trained_like
+from speed import _build, _make_trained_like, ensure_cpu_gate
 
 import adafilter
 
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    ensure_cpu_gate()  # the default inference path, not a build landing mid-run
     base_pkg = _baseline(args.baseline_src)
     plain = _build("resnet50", torch.device("cpu")).eval()
     example = torch.zeros(1, 3, 224, 224)

@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from speed import _build, _make_trained_like
+from speed import _build, _make_trained_like, ensure_cpu_gate
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=224)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    ensure_cpu_gate()  # the default inference path, not a build landing mid-run
     res = args.resolution
     plain = _build("resnet50", torch.device("cpu")).eval()
     ada = wrap(copy.deepcopy(plain), example_input=torch.zeros(1, 3, res, res)).eval()

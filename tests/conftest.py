@@ -18,6 +18,11 @@ from pathlib import Path
 
 import pytest
 
+# No test run starts a background build of the CPU gate kernel (test_cpu_gate.py checks the
+# start with a stand-in process, and the real build in the slow tier).
+if os.environ.get("ADAFILTER_CPU_GATE") != "0":
+    os.environ["ADAFILTER_CPU_GATE"] = "prebuilt"
+
 from helpers import (
     SHARED_CIFAR_WEIGHTS,
     SHARED_OMNIGLOT,

@@ -9,7 +9,10 @@ checks with the built kernel.
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,8 +34,10 @@ def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """An empty kernel cache and no loaded kernel; restored afterwards."""
     monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path))
     monkeypatch.setattr(cpu_gate, "_module", None)
-    monkeypatch.setattr(cpu_gate, "_looked", False)
+    monkeypatch.setattr(cpu_gate, "_next_look", 0.0)
+    monkeypatch.setattr(cpu_gate, "_builder", None)
     monkeypatch.setattr(cpu_gate, "ENABLED", True)
+    monkeypatch.setattr(cpu_gate, "AUTO_BUILD", False)
     return tmp_path
 
 
@@ -65,17 +70,113 @@ def _gate_outputs(gate: RecurrentGate, xs: list[torch.Tensor]) -> list[torch.Ten
     return out
 
 
+class _FakeBuild:
+    """Stands in for the background ``adafilter build-kernels`` process."""
+
+    started: list[list[str]] = []
+
+    def __init__(self, args: list[str], **kwargs: object) -> None:
+        _FakeBuild.started.append(args)
+        self.running = True
+
+    def poll(self) -> int | None:
+        return None if self.running else 0
+
+
+def _toolchain(monkeypatch: pytest.MonkeyPatch, present: bool) -> None:
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.setattr(cpu_gate.shutil, "which", lambda name: "/usr/bin/c++" if present else None)
+    monkeypatch.setattr(ext, "is_ninja_available", lambda: present)
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))  # _ninja() may prepend to it
+    monkeypatch.setattr(cpu_gate.subprocess, "Popen", _FakeBuild)
+    _FakeBuild.started.clear()
+
+
+def test_missing_kernel_is_built_in_the_background(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One detached build per process, announced once; its library is picked up once it
+    appears (looked for every LOOK_EVERY_S seconds, not on every step)."""
+    monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
+    _toolchain(monkeypatch, present=True)
+    clock = [100.0]
+    monkeypatch.setattr(cpu_gate.time, "monotonic", lambda: clock[0])
+    with pytest.warns(UserWarning, match="in the background") as record:
+        assert cpu_gate.get() is None
+        assert cpu_gate.get() is None  # too soon to look again; no second build
+    assert len(record) == 1
+    assert len(_FakeBuild.started) == 1 and "build-kernels" in _FakeBuild.started[0][-1]
+    lib = cpu_gate._library()
+    lib.write_bytes(b"built")
+    sentinel = SimpleNamespace()
+    monkeypatch.setattr(cpu_gate, "_import", lambda path: sentinel)
+    assert cpu_gate.get() is None  # still within LOOK_EVERY_S
+    clock[0] += cpu_gate.LOOK_EVERY_S
+    assert cpu_gate.get() is sentinel
+    assert len(_FakeBuild.started) == 1
+
+
+@pytest.mark.parametrize("case", ["prebuilt", "no-toolchain", "build-failed"])
+def test_no_background_build(case: str, fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ADAFILTER_CPU_GATE=prebuilt`` or no compiler: nothing starts, nothing is said, and
+    the library is not looked for again; a build that ended without one: no more looking."""
+    monkeypatch.setattr(cpu_gate, "AUTO_BUILD", case != "prebuilt")
+    _toolchain(monkeypatch, present=case != "no-toolchain")
+    clock = [100.0]
+    monkeypatch.setattr(cpu_gate.time, "monotonic", lambda: clock[0])
+    if case == "build-failed":
+        with pytest.warns(UserWarning, match="in the background"):
+            assert cpu_gate.get() is None
+        cpu_gate._builder.running = False  # exited; no library
+        clock[0] += cpu_gate.LOOK_EVERY_S
+    assert cpu_gate.get() is None
+    looks = []
+    monkeypatch.setattr(cpu_gate, "_library", lambda: looks.append(1) or fresh / "none.so")
+    clock[0] += 10 * cpu_gate.LOOK_EVERY_S
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_gate.get() is None
+    assert not looks
+    assert len(_FakeBuild.started) == (1 if case == "build-failed" else 0)
+
+
+def test_a_stale_build_lock_is_removed(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's build waits for ever on a lock a killed build left; one older than
+    STALE_LOCK_S is removed first, a fresh one (a build running now) is kept."""
+    import torch.utils.cpp_extension as ext
+
+    seen = []
+    monkeypatch.setattr(ext, "load_inline", lambda **kw: seen.append(lock.exists()))
+    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))  # _ninja() may prepend to it
+    lock = cpu_gate.build_directory() / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    cpu_gate.build()
+    old = time.time() - cpu_gate.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    cpu_gate.build()
+    assert seen == [True, False]
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """The kernel, compiled once for this module's slow tests into a fresh cache."""
+    """The kernel, built for this module's slow tests in a fresh cache the way inference
+    builds it: get() starts the background build, and picks up its library."""
     if not _has_toolchain():
         pytest.skip("needs a C++ compiler and ninja")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ADAFILTER_HOME", str(tmp_path_factory.mktemp("kernels")))
-        mp.setattr(cpu_gate, "_module", None)
-        mp.setattr(cpu_gate, "_looked", False)
+        for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
+            mp.setattr(cpu_gate, name, value)
         mp.setattr(cpu_gate, "ENABLED", True)
-        assert cpu_gate.build().is_file()
+        mp.setattr(cpu_gate, "AUTO_BUILD", True)
+        mp.setattr(cpu_gate, "LOOK_EVERY_S", 0.0)
+        with pytest.warns(UserWarning, match="in the background"):
+            assert cpu_gate.get() is None
+        builder = cpu_gate._builder
+        assert builder is not None
+        assert builder.wait(timeout=600) == 0, cpu_gate.build_directory() / "build.log"
         module = cpu_gate.get()
         assert module is not None
         yield module
@@ -83,6 +184,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> object:
 
 @pytest.mark.slow  # compiles the kernel (~1 min on a fresh machine)
 def test_built_kernel_equals_the_aten_step(built: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu_gate.get() is built
     # layer 0 folds the embedding into the input map, layer 1 keeps it (wide input)
     gate = RecurrentGate([8, 300, 12], [16, 12, 40], embed_dim=6, hidden_dim=5).eval()
     assert gate._eval_weights(0).emb is None and gate._eval_weights(1).emb is not None

@@ -1,17 +1,21 @@
-"""The recurrent gate's eval step as one compiled CPU function (issue 14).
+"""The recurrent gate's eval step, and batch-1 gated layers, as compiled CPU code (issue 14).
 
 In an eval forward each gated layer runs the gate's step -- pool the input, two to four small
 matrix products, the LSTM cell, the head, the threshold -- as ~13 ATen calls; right after a
 conv has streamed megabytes through the caches each call costs tens of microseconds, ~25 ms
 of a ResNet-50 batch-1 forward (README, *Inference at the cost of plain fine-tuning*). Here the
 whole step is one C++ loop nest over the same cached weights (:class:`~.gate._EvalWeights`),
-float32, CPU, any batch size; equal to the ATen step up to summation order.
+float32, CPU, any batch size; equal to the ATen step up to summation order. At batch 1 a
+second function runs a whole gated layer -- the step, the threshold, the recopy of the filters
+whose decision changed, the conv -- in one call from Python (:func:`layer`).
 
-The function is compiled once per machine with PyTorch's C++ extension tooling (a C++
-compiler and ``ninja`` are needed) by :func:`build` -- ``adafilter build-kernels`` -- into
-``$ADAFILTER_HOME/kernels/``. Inference uses it whenever it has been built there (a
-forward never compiles: the first build takes about a minute); ``ADAFILTER_CPU_GATE=0`` (or
-``cpu_gate.ENABLED = False``) keeps the ATen step.
+The code is compiled once per machine with PyTorch's C++ extension tooling (a C++ compiler and
+``ninja`` are needed) by :func:`build` -- ``adafilter build-kernels`` -- into
+``$ADAFILTER_HOME/kernels/``. Inference uses it wherever it has been built. A forward never
+compiles: where it is missing, the first CPU eval step starts the build as a detached
+background process and keeps the ATen step until the library appears (:func:`get`).
+``ADAFILTER_CPU_GATE=0`` (or ``cpu_gate.ENABLED = False``) keeps the ATen step;
+``ADAFILTER_CPU_GATE=prebuilt`` uses a built kernel but never starts a build.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -33,8 +41,13 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from .gate import _EvalWeights
 
-#: Set to ``False`` to keep the ATen eval step although the kernel is built.
-ENABLED = os.environ.get("ADAFILTER_CPU_GATE", "1") != "0"
+_SETTING = os.environ.get("ADAFILTER_CPU_GATE", "1")
+#: ``False`` (``ADAFILTER_CPU_GATE=0``): the ATen eval step even where the kernel is built.
+ENABLED = _SETTING != "0"
+#: ``False`` (``ADAFILTER_CPU_GATE=prebuilt``): use a built kernel but never start a build.
+AUTO_BUILD = _SETTING not in ("0", "prebuilt")
+LOOK_EVERY_S = 15.0  # while a background build runs, how often get() looks for the library
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -218,7 +231,8 @@ def build_directory() -> Path:
 
 
 _module: ModuleType | None = None
-_looked = False
+_next_look = 0.0  # time.monotonic() from which get() looks for the library again
+_builder: subprocess.Popen | None = None  # this process's background build, if it started one
 
 
 def _library() -> Path:
@@ -240,11 +254,15 @@ def build(*, verbose: bool = False) -> Path:
     Raises:
         RuntimeError: No C++ compiler/ninja, or the build failed (the message says which).
     """
-    global _module, _looked
+    global _module, _next_look
     from torch.utils.cpp_extension import load_inline
 
+    _ninja()
     out = build_directory()
     out.mkdir(parents=True, exist_ok=True)
+    lock = out / "lock"  # torch's build lock: one left by a killed build would block forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
     try:
         _module = load_inline(
             name=_name(),
@@ -259,28 +277,85 @@ def build(*, verbose: bool = False) -> Path:
             f"building the CPU gate kernel failed ({type(exc).__name__}: {exc}); it needs a C++ "
             "compiler and ninja (pip install ninja); inference keeps the ATen step"
         ) from exc
-    _looked = True
+    _next_look = math.inf
     return _library()
 
 
+def _ninja() -> bool:
+    """Whether torch's extension builder finds ninja; the ``ninja`` package installed beside
+    this Python (a virtual environment that is not activated) is put on ``PATH`` first."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if (Path(bin_dir) / "ninja").is_file() and bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+    return is_ninja_available()
+
+
 def get() -> ModuleType | None:
-    """The built kernel module, or ``None`` (not built here, disabled, or unloadable)."""
-    global _module, _looked
-    if not ENABLED:
+    """The built kernel module, or ``None`` (not built yet, disabled, or unloadable).
+
+    Where it is not built, a C++ toolchain is present and :data:`AUTO_BUILD` is on, the first
+    call starts ``adafilter build-kernels`` in the background and returns ``None``; later calls
+    look for the library every :data:`LOOK_EVERY_S` seconds while that build runs.
+    """
+    global _module, _next_look
+    if not ENABLED or _module is not None:
+        return _module if ENABLED else None
+    now = time.monotonic()
+    if now < _next_look:
         return None
-    if _module is None and not _looked:
-        _looked = True
-        lib = _library()
-        if lib.is_file():
-            try:
-                _module = _import(lib)
-            except Exception as exc:  # noqa: BLE001 - a stale or foreign build: fall back
-                warnings.warn(
-                    f"cannot load the CPU gate kernel {lib} ({exc}); using the ATen step. "
-                    "Rebuild it with: adafilter build-kernels",
-                    stacklevel=2,
-                )
-    return _module
+    _next_look = math.inf  # unless a build is running (below)
+    lib = _library()
+    if lib.is_file():
+        try:
+            _module = _import(lib)
+        except Exception as exc:  # noqa: BLE001 - a stale or foreign build: fall back
+            warnings.warn(
+                f"cannot load the CPU gate kernel {lib} ({exc}); using the ATen step. "
+                "Rebuild it with: adafilter build-kernels",
+                stacklevel=2,
+            )
+        return _module
+    if AUTO_BUILD and _build_in_background():
+        _next_look = now + LOOK_EVERY_S
+    return None
+
+
+# `adafilter build-kernels` at low priority (it must not slow down the inference that started it)
+_BUILD_COMMAND = (
+    "import os, runpy, sys; hasattr(os, 'nice') and os.nice(10); "
+    "sys.argv = ['adafilter', 'build-kernels']; runpy.run_module('adafilter', run_name='__main__')"
+)
+
+
+def _build_in_background() -> bool:
+    """Start (once per process) a detached, low-priority ``adafilter build-kernels``; whether
+    one is running. Without a C++ compiler and ninja nothing starts and nothing is said."""
+    global _builder
+    if _builder is not None:
+        return _builder.poll() is None
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not _ninja():
+        return False
+    out = build_directory()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "build.log"
+    with open(log, "ab") as f:  # the child keeps its own handle
+        _builder = subprocess.Popen(
+            [sys.executable, "-c", _BUILD_COMMAND],
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this process; never gets its Ctrl-C
+        )
+    warnings.warn(
+        "adafilter: compiling the CPU gate kernel in the background (about a minute, once per "
+        f"machine; log: {log}); CPU inference uses it once built. "
+        "ADAFILTER_CPU_GATE=0 turns this off",
+        stacklevel=3,
+    )
+    return True
 
 
 def usable(x: Tensor, w: _EvalWeights) -> bool:
