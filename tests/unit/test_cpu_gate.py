@@ -26,6 +26,7 @@ from adafilter import AdaFilterConfig, AdaFilterModel, wrap
 from adafilter.layers import cpu_gate
 from adafilter.layers.gate import RecurrentGate
 from adafilter.layers.gated_conv import policy_source
+from adafilter.tuner.policies import ForwardPolicies
 from helpers import mix_policies, perturb_bn
 
 
@@ -214,12 +215,12 @@ def test_built_kernel_equals_the_aten_step(built: object, monkeypatch: pytest.Mo
     assert all(torch.equal(pol_k[k], v) for k, v in model.policies.items())
 
 
-# ---- the batch-1 fused layer (gate step + merge of the changed filters + conv) --------------
+# ---- the batch-1 compiled layer (gate step + recopy of changed filters + conv) -------------
 
 
 def _reference_module() -> SimpleNamespace:
-    """The kernel module's contract in ATen (same arguments, same in-place updates); counts
-    the fused layers it ran in ``.layers``."""
+    """The kernel module's contract in ATen: ``step`` and ``Layer`` with the same arguments,
+    in-place updates and staleness rule; ``.runs`` counts the layers it ran."""
 
     def step(x, emb, emb_bias, inp, bias, hid, head, head_bias, h0, c0):  # noqa: ANN001, ANN202
         v = x.mean((2, 3))  # (B, C_in)
@@ -233,25 +234,37 @@ def _reference_module() -> SimpleNamespace:
         h = o * torch.tanh(c)
         return head_bias + h @ head, h, c
 
-    def layer(x, *args):  # noqa: ANN001, ANN002, ANN202
-        logits, h, c = step(x, *args[:9])
-        prev, w, b, w_f, b_f, w_s, b_s, stride, padding, dilation, groups = args[9:]
-        decisions = logits >= 0  # (1, C_out)
-        changed = (decisions[0] != prev).nonzero().squeeze(1)
-        take = decisions[0, changed]
-        w[changed] = torch.where(take[:, None, None, None], w_f[changed], w_s[changed])
-        b[changed] = torch.where(take, b_f[changed], b_s[changed])
-        prev[changed] = take
-        module.layers += 1
-        return F.conv2d(x, w, b, stride, padding, dilation, groups), decisions, h, c
+    class Layer:
+        def __init__(self, gate_w, bank, stride, padding, dilation, groups, sources):  # noqa: ANN001
+            self.gate_w, self.bank = gate_w, bank
+            self.conv = (stride, padding, dilation, groups)
+            self.sources = sources
+            self.seen = self._now()
 
-    module = SimpleNamespace(step=step, layer=layer, layers=0)
+        def _now(self) -> list[tuple[int, int]]:
+            return [(t.data_ptr(), t._version) for t in self.sources]
+
+        def run(self, x: Tensor, h0: Tensor, c0: Tensor) -> list[Tensor]:
+            if self._now() != self.seen or x.shape[0] != 1 or x.dtype != torch.float32:
+                return []
+            logits, h, c = step(x, *self.gate_w, h0, c0)
+            prev, w, b, w_f, b_f, w_s, b_s = self.bank
+            decisions = logits >= 0  # (1, C_out)
+            changed = (decisions[0] != prev).nonzero().squeeze(1)
+            take = decisions[0, changed]
+            w[changed] = torch.where(take[:, None, None, None], w_f[changed], w_s[changed])
+            b[changed] = torch.where(take, b_f[changed], b_s[changed])
+            prev[changed] = take
+            module.runs += 1
+            return [F.conv2d(x, w, b, *self.conv), decisions, h, c]
+
+    module = SimpleNamespace(step=step, Layer=Layer, runs=0)
     return module
 
 
 class _Varied(nn.Module):
-    """Conv-BN pairs with what the fused layer passes to the conv: a bias, stride, dilation,
-    groups; and a string padding, which keeps the unfused path."""
+    """Conv-BN pairs with what the compiled layer passes to the conv: a bias, stride,
+    dilation, groups; and a string padding, which keeps the Python path."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -277,6 +290,9 @@ class _Fixed:
     def policy(self, index: int, x: Tensor) -> Tensor:
         return self.decisions[index].to(x.dtype)
 
+    def compiled_state(self) -> None:
+        return None
+
     def compiled_step(self, index: int, x: Tensor) -> None:
         return None
 
@@ -284,78 +300,144 @@ class _Fixed:
         raise AssertionError("no compiled step was offered")
 
 
-_FUSED_MODELS = {  # name: (builder, gated layers that fuse)
-    "varied": (lambda: wrap(perturb_bn(_Varied()), example_input=torch.zeros(1, 3, 12, 12)), 3),
-    "resnet18": (lambda: wrap(perturb_bn(torchvision.models.resnet18(num_classes=5))), 20),
+_MODELS = {  # name: (builder, gated layers that run compiled, input resolution)
+    "varied": (
+        lambda: wrap(perturb_bn(_Varied()), example_input=torch.zeros(1, 3, 12, 12)),
+        3,
+        12,
+    ),
+    "resnet18": (lambda: wrap(perturb_bn(torchvision.models.resnet18(num_classes=5))), 20, 32),
     "resnet18-standard-bn": (
         lambda: wrap(
             perturb_bn(torchvision.models.resnet18(num_classes=5)),
             config=AdaFilterConfig(gated_bn=False),
         ),
         20,
+        32,
     ),
 }
 
 
-def _check_fused_layers(model: AdaFilterModel, fused: int, res: int) -> None:
-    """A sequence of examples through the fused layers: each output equals the dual path
-    (both convs and BNs, no caches) under the decisions the kernel made, and those decisions
-    are the ATen gate's wherever its logit is not within rounding of 0."""
+def _mixed_model(name: str) -> AdaFilterModel:
+    torch.manual_seed(0)
+    return mix_policies(_MODELS[name][0]()).eval()
+
+
+@pytest.fixture()
+def compiled_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the index of every gated layer that ran compiled (any kernel module)."""
+    runs: list[int] = []
+    real = ForwardPolicies.record
+    monkeypatch.setattr(
+        ForwardPolicies, "record", lambda self, i, *a: runs.append(i) or real(self, i, *a)
+    )
+    return runs
+
+
+def _assert_equals_dual_path(model: AdaFilterModel, x: Tensor) -> Tensor:
+    """One batch-1 no-grad forward equals the dual path (both convs and BNs, no caches) under
+    the decisions it made; those decisions are the ATen gate's wherever its logit is not
+    within rounding of 0. Returns the output."""
+    with torch.no_grad():
+        out = model(x)
+    decisions = dict(model._decisions)
+    with torch.enable_grad(), policy_source(_Fixed(decisions)):
+        want = model.model(x).detach()
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_gate, "ENABLED", False)  # the ATen step
+        logits = model.policy_logits(x)
+    for i, name in enumerate(model.gated_layer_names):
+        sure = logits[name].abs() > 1e-4
+        assert torch.equal(decisions[i].bool()[sure], (logits[name] >= 0)[sure]), name
+    return out
+
+
+def _check_compiled_layers(name: str, runs: list[int]) -> None:
+    """A sequence of examples: every layer but string-padded ones runs compiled, bound once;
+    outputs equal the dual path; the decisions (hence the filter banks) change in between."""
+    model = _mixed_model(name)
+    _, compiled, res = _MODELS[name]
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(1, 3, res, res, generator=gen) for _ in range(4)]
-    calls = []
-    real = cpu_gate.layer
-    changed = 0
-    previous: dict[int, Tensor] | None = None
-    for x in xs + xs[::-1]:
-        cpu_gate.layer = lambda *a: calls.append(1) or real(*a)  # type: ignore[assignment]
-        try:
-            with torch.no_grad():
-                out = model(x)
-        finally:
-            cpu_gate.layer = real  # type: ignore[assignment]
-        assert len(calls) == fused
-        calls.clear()
-        decisions = dict(model._decisions)
-        with torch.enable_grad(), policy_source(_Fixed(decisions)):
-            want = model.model(x).detach()
-        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(cpu_gate, "get", lambda: None)  # the ATen step
-            logits = model.policy_logits(x)
-        for i, name in enumerate(model.gated_layer_names):
-            sure = logits[name].abs() > 1e-4
-            assert torch.equal(decisions[i].bool()[sure], (logits[name] >= 0)[sure]), name
-        if previous is not None:
-            changed += sum(int((decisions[i] != previous[i]).sum()) for i in decisions)
-        previous = decisions
+    binds = []
+    real_bind = cpu_gate.bind
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_gate, "bind", lambda *a: binds.append(1) or real_bind(*a))
+        changed, previous = 0, None
+        for x in xs + xs[::-1]:
+            runs.clear()
+            _assert_equals_dual_path(model, x)
+            assert len(runs) == compiled
+            decisions = model._decisions
+            if previous is not None:
+                changed += sum(int((decisions[i] != previous[i]).sum()) for i in decisions)
+            previous = dict(decisions)
     assert changed > 0  # the filter banks were updated in place, not only built
+    assert len(binds) == compiled  # bound once, then reused
 
 
-@pytest.mark.parametrize("name", list(_FUSED_MODELS))
-def test_fused_layer_plumbing(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a kernel module present, batch-1 eval runs each gated layer as one fused call
+def _check_bound_layers_follow_changes(name: str, runs: list[int]) -> None:
+    """In-place parameter changes (layer and gate), gate parameters replaced by
+    ``load_state_dict(assign=True)`` on the gate alone, and another dtype: each seen."""
+    model = _mixed_model(name)
+    other = _mixed_model(name)  # made first: building a model drops every bound layer
+    with torch.no_grad():
+        for head in other.gate.heads:
+            head.bias.neg_()
+    res = _MODELS[name][2]
+    x = torch.randn(1, 3, res, res, generator=torch.Generator().manual_seed(4))
+    before = _assert_equals_dual_path(model, x)
+    layer = next(iter(model.gated_layers().values()))
+    with torch.no_grad():
+        layer.conv_f.weight.mul_(1.5)
+        (layer.bn_f if layer.gated_bn else layer.bn).running_var.add_(0.3)
+        model.gate.heads[0].bias.neg_()
+        model.gate.cell.weight_hh.mul_(0.5)
+    changed = _assert_equals_dual_path(model, x)
+    assert not torch.allclose(changed, before)
+    model.gate.load_state_dict(other.gate.state_dict(), assign=True)
+    runs.clear()
+    swapped = _assert_equals_dual_path(model, x)
+    assert runs and not torch.allclose(swapped, changed)
+    model.double()
+    runs.clear()
+    _assert_equals_dual_path(model, x.double())
+    assert not runs  # float64: the Python path
+
+
+@pytest.mark.parametrize("name", list(_MODELS))
+def test_compiled_layer_plumbing(
+    name: str, compiled_runs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a kernel module present, batch-1 eval runs each gated layer as one bound call
     (except string padding) and equals the dual path; the reference module stands in."""
+    monkeypatch.setattr(cpu_gate, "get", _reference_module)
+    _check_compiled_layers(name, compiled_runs)
+
+
+@pytest.mark.parametrize("name", ["varied", "resnet18-standard-bn"])
+def test_bound_layers_follow_parameter_changes(
+    name: str, compiled_runs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     module = _reference_module()
     monkeypatch.setattr(cpu_gate, "get", lambda: module)
-    build, fused = _FUSED_MODELS[name]
-    torch.manual_seed(0)
-    model = mix_policies(build()).eval()
-    _check_fused_layers(model, fused, 12 if name == "varied" else 32)
+    _check_bound_layers_follow_changes(name, compiled_runs)
 
 
-def test_fused_layer_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_layer_only_where_it_applies(
+    compiled_runs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Batch > 1, gradients on, training, kept logits, non-learned modes, the CNN gate and
-    a disabled kernel all keep the unfused path."""
+    a disabled kernel all keep the Python path."""
     module = _reference_module()
     monkeypatch.setattr(cpu_gate, "get", lambda: module)
-    torch.manual_seed(0)
-    model = mix_policies(wrap(torchvision.models.resnet18(num_classes=5))).eval()
+    model = _mixed_model("resnet18")
     x1, x2 = torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         model(x1)
-    assert module.layers == 20  # the positive control
-    module.layers = 0
+    assert len(compiled_runs) == module.runs == 20  # the positive control
+    compiled_runs.clear()
     with torch.no_grad():
         model(x2)
         model.policy_logits(x1)
@@ -367,22 +449,19 @@ def test_fused_layer_only_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> N
         model(x1)
     model.eval()
     model(x1)  # gradients on
-    monkeypatch.setattr(cpu_gate, "get", lambda: None)  # disabled / not built
+    monkeypatch.setattr(cpu_gate, "ENABLED", False)
     with torch.no_grad():
         model(x1)
+    monkeypatch.setattr(cpu_gate, "ENABLED", True)
     cnn = wrap(torchvision.models.resnet18(num_classes=5), config=AdaFilterConfig(gate="cnn"))
-    cnn.eval()
-    monkeypatch.setattr(cpu_gate, "get", lambda: module)
     with torch.no_grad():
-        cnn(x1)
-    assert module.layers == 0
+        cnn.eval()(x1)
+    assert not compiled_runs and module.runs == 20
 
 
 @pytest.mark.slow  # compiles the kernel (~1 min on a fresh machine, once per module)
-@pytest.mark.parametrize("name", list(_FUSED_MODELS))
-def test_built_fused_layer(name: str, built: object) -> None:
+@pytest.mark.parametrize("name", list(_MODELS))
+def test_built_compiled_layers(name: str, built: object, compiled_runs: list[int]) -> None:
     assert cpu_gate.get() is built
-    build, fused = _FUSED_MODELS[name]
-    torch.manual_seed(0)
-    model = mix_policies(build()).eval()
-    _check_fused_layers(model, fused, 12 if name == "varied" else 32)
+    _check_compiled_layers(name, compiled_runs)
+    _check_bound_layers_follow_changes(name, compiled_runs)

@@ -28,9 +28,30 @@ class TensorsKey:
         self._tensors = tuple(t for t in tensors if t is not None)
         self._state = self._now()
 
+    @property
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The source tensors."""
+        return self._tensors
+
     def _now(self) -> list[tuple[int, int]]:
         return [(t.data_ptr(), t._version) for t in self._tensors]
 
     def valid(self) -> bool:
         """Whether no source tensor has moved or changed in place since construction."""
         return self._now() == self._state
+
+
+_epoch = 0
+
+
+def epoch() -> int:
+    """Counts :func:`drop_all` calls: a cache that combines several modules' tensors (the
+    batch-1 compiled layers hold the gate's) is stale once this moves."""
+    return _epoch
+
+
+def drop_all() -> None:
+    """A module dropped its caches (its parameter objects may have been replaced, which no
+    version counter shows): every cache built from several modules is stale too."""
+    global _epoch
+    _epoch += 1

@@ -31,9 +31,10 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -159,50 +160,79 @@ std::vector<at::Tensor> step(const at::Tensor& x, const at::Tensor& emb,
   return {logits, h, c};
 }
 
-// A whole gated layer at batch 1 (eval): the gate step as in `step`, the decisions
-// logits >= 0 (Eq. 2), the example's filter bank w (C_out, ...), b (C_out) updated in place
-// where a decision differs from prev (C_out, bool; updated too) from the BN-folded banks
-// w_f/b_f (True) or w_s/b_s, then the conv. Returns y, decisions (1, C_out) bool, h, c (1, H).
-std::vector<at::Tensor> layer(const at::Tensor& x, const at::Tensor& emb,
-                              const at::Tensor& emb_bias, const at::Tensor& inp,
-                              const at::Tensor& bias, const at::Tensor& hid,
-                              const at::Tensor& head, const at::Tensor& head_bias,
-                              const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& prev,
-                              const at::Tensor& w, const at::Tensor& b, const at::Tensor& w_f,
-                              const at::Tensor& b_f, const at::Tensor& w_s,
-                              const at::Tensor& b_s, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups) {
-  const Gate g = gate_weights(x, emb, emb_bias, inp, bias, hid, head, head_bias, h0, c0);
-  TORCH_CHECK(x.size(0) == 1, "the fused layer runs batch 1");
-  const int64_t Co = g.Co;
-  for (const at::Tensor* t : {&w, &b, &w_f, &b_f, &w_s, &b_s})
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat && t->size(0) == Co,
-                "filter banks must be contiguous float32 with one row per decision");
-  TORCH_CHECK(prev.is_contiguous() && prev.scalar_type() == at::kBool && prev.numel() == Co,
-              "prev must hold one bool per filter");
-  const at::Tensor xc = x.contiguous();
-  const bool has_state = h0.numel() > 0;
-  std::vector<float> logits(Co);
-  at::Tensor h = at::empty({1, g.Hd}, x.options()), c = at::empty({1, g.Hd}, x.options());
-  gate_one(g, xc.data_ptr<float>(), x.size(2) * x.size(3),
-           has_state ? h0.data_ptr<float>() : nullptr, has_state ? c0.data_ptr<float>() : nullptr,
-           logits.data(), h.data_ptr<float>(), c.data_ptr<float>());
-  at::Tensor dec = at::empty({1, Co}, x.options().dtype(at::kBool));
-  bool* dp = dec.data_ptr<bool>();
-  bool* pp = prev.data_ptr<bool>();
-  const int64_t row = w.numel() / std::max<int64_t>(Co, 1);
-  float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
-  for (int64_t j = 0; j < Co; ++j) {
-    dp[j] = logits[j] >= 0.f;
-    if (dp[j] == pp[j]) continue;  // consecutive inputs share most decisions
-    const at::Tensor& src_w = dp[j] ? w_f : w_s;
-    std::memcpy(wp + j * row, src_w.data_ptr<float>() + j * row, row * sizeof(float));
-    bp[j] = (dp[j] ? b_f : b_s).data_ptr<float>()[j];
-    pp[j] = dp[j];
+// A whole gated layer at batch 1 (eval), bound once to its tensors: the gate's eval weights
+// (as for `step`), the example's filter bank prev (C_out bool: the decisions w, b hold), w
+// (C_out, ...), b (C_out), the BN-folded banks w_f, b_f (F) and w_s, b_s (S), the conv's
+// arguments, and the source tensors all of these were computed from. run() returns nothing
+// when a source moved or changed in place since (the caller rebuilds the Layer) or when x is
+// not a (1, C_in, H, W) float32 CPU tensor (the caller takes another path).
+struct Layer {
+  std::vector<at::Tensor> gate_w;  // emb, emb_bias, inp, bias, hid, head, head_bias
+  at::Tensor prev, w, b, w_f, b_f, w_s, b_s;
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+  std::vector<at::Tensor> sources;
+  std::vector<std::pair<const void*, int64_t>> seen;  // (data_ptr, version) of each source
+
+  Layer(std::vector<at::Tensor> gate_w_, std::vector<at::Tensor> bank,
+        std::vector<int64_t> stride_, std::vector<int64_t> padding_,
+        std::vector<int64_t> dilation_, int64_t groups_, std::vector<at::Tensor> sources_)
+      : gate_w(std::move(gate_w_)), stride(std::move(stride_)), padding(std::move(padding_)),
+        dilation(std::move(dilation_)), groups(groups_), sources(std::move(sources_)) {
+    TORCH_CHECK(gate_w.size() == 7 && bank.size() == 7, "7 gate weights and 7 bank tensors");
+    prev = bank[0], w = bank[1], b = bank[2], w_f = bank[3], b_f = bank[4], w_s = bank[5];
+    b_s = bank[6];
+    const int64_t Co = prev.numel();
+    for (const at::Tensor* t : {&w, &b, &w_f, &b_f, &w_s, &b_s})
+      TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat && t->size(0) == Co,
+                  "filter banks must be contiguous float32 with one row per decision");
+    TORCH_CHECK(prev.is_contiguous() && prev.scalar_type() == at::kBool,
+                "prev must hold one bool per filter");
+    for (const at::Tensor& t : sources) seen.emplace_back(t.data_ptr(), t._version());
   }
-  at::Tensor y = at::conv2d(x, w, b, stride, padding, dilation, groups);
-  return {y, dec, h, c};
+
+  std::vector<at::Tensor> run(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0) {
+    for (size_t i = 0; i < sources.size(); ++i)
+      if (sources[i].data_ptr() != seen[i].first || sources[i]._version() != seen[i].second)
+        return {};
+    if (x.dim() != 4 || x.size(0) != 1 || x.scalar_type() != at::kFloat || !x.device().is_cpu())
+      return {};
+    const std::vector<at::Tensor>& gw = gate_w;
+    const Gate g = gate_weights(x, gw[0], gw[1], gw[2], gw[3], gw[4], gw[5], gw[6], h0, c0);
+    const int64_t Co = g.Co;
+    TORCH_CHECK(prev.numel() == Co, "the gate's head does not match the filter bank");
+    const at::Tensor xc = x.contiguous();
+    const bool has_state = h0.numel() > 0;
+    std::vector<float> logits(Co);
+    at::Tensor h = at::empty({1, g.Hd}, x.options()), c = at::empty({1, g.Hd}, x.options());
+    gate_one(g, xc.data_ptr<float>(), x.size(2) * x.size(3),
+             has_state ? h0.data_ptr<float>() : nullptr,
+             has_state ? c0.data_ptr<float>() : nullptr, logits.data(), h.data_ptr<float>(),
+             c.data_ptr<float>());
+    at::Tensor dec = at::empty({1, Co}, x.options().dtype(at::kBool));
+    bool* dp = dec.data_ptr<bool>();
+    bool* pp = prev.data_ptr<bool>();
+    const int64_t row = w.numel() / std::max<int64_t>(Co, 1);
+    float *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+    for (int64_t j = 0; j < Co; ++j) {
+      dp[j] = logits[j] >= 0.f;  // Eq. 2
+      if (dp[j] == pp[j]) continue;  // consecutive inputs share most decisions
+      const at::Tensor& src_w = dp[j] ? w_f : w_s;
+      std::memcpy(wp + j * row, src_w.data_ptr<float>() + j * row, row * sizeof(float));
+      bp[j] = (dp[j] ? b_f : b_s).data_ptr<float>()[j];
+      pp[j] = dp[j];
+    }
+    return {at::conv2d(x, w, b, stride, padding, dilation, groups), dec, h, c};
+  }
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("step", &step, "the gate's eval step for every example");
+  pybind11::class_<Layer>(m, "Layer")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
+                          std::vector<int64_t>, std::vector<int64_t>, int64_t,
+                          std::vector<at::Tensor>>())
+      .def("run", &Layer::run);
 }
 """
 
@@ -267,7 +297,6 @@ def build(*, verbose: bool = False) -> Path:
         _module = load_inline(
             name=_name(),
             cpp_sources=SOURCE,
-            functions=["step", "layer"],
             extra_cflags=_FLAGS,
             build_directory=str(out),
             verbose=verbose,
@@ -368,7 +397,7 @@ def usable(x: Tensor, w: _EvalWeights) -> bool:
     )
 
 
-_EMPTY = torch.empty(0)  # absent optional arguments (no embedding, no state yet)
+EMPTY = torch.empty(0)  # absent optional arguments (no embedding, no state yet)
 
 
 def step(
@@ -376,17 +405,17 @@ def step(
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """:meth:`~.gate.RecurrentGate._step_eval` through the kernel (same weights and results,
     up to summation order)."""
-    h0, c0 = state if state is not None else (_EMPTY, _EMPTY)
+    h0, c0 = state if state is not None else (EMPTY, EMPTY)
     logits, h, c = module.step(x, *_gate_args(w), h0, c0)
     return logits, (h, c)
 
 
 class LayerStep(NamedTuple):
-    """The gate's compiled step for one gated layer, which runs it fused with its conv."""
+    """The gate's compiled step for one gated layer, which binds it with its filters."""
 
     module: ModuleType
     weights: _EvalWeights
-    state: tuple[Tensor, Tensor] | None  # the LSTM state before this layer
+    sources: tuple[Tensor, ...]  # the gate parameters ``weights`` were computed from
 
 
 class FilterBank(NamedTuple):
@@ -397,39 +426,37 @@ class FilterBank(NamedTuple):
     bias: Tensor  # (C_out,)
 
 
-def layer(
+def bind(
     step: LayerStep,
-    x: Tensor,
     bank: FilterBank,
     folded: tuple[Tensor, Tensor, Tensor, Tensor],
     conv: nn.Conv2d,
-) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """A gated layer's whole batch-1 eval in one call: the gate step, its decisions (Eq. 2),
-    ``bank`` updated in place where a decision changed (from ``folded`` = BN-folded
-    ``(w_f, b_f, w_s, b_s)``), and the conv with ``bank``'s filters.
+    sources: Iterable[Tensor],
+) -> Any:
+    """A gated layer's whole batch-1 eval as one compiled object (the kernel's ``Layer``).
 
-    Returns:
-        The layer's output (1, C_out, H', W'), the decisions (1, C_out) bool (True = F) and
-        the new LSTM state.
+    ``run(x, h0, c0)`` runs the gate step, its decisions (Eq. 2), the recopy into ``bank``
+    of the filters whose decision changed (from ``folded`` = BN-folded
+    ``(w_f, b_f, w_s, b_s)``) and the conv with ``bank``'s filters; it returns
+    ``[y (1, C_out, H', W'), decisions (1, C_out) bool, h, c]``, or ``[]`` when one of
+    ``sources`` (the layer's parameters and buffers; the gate's come with ``step``) moved or
+    changed in place since binding, or when ``x`` is not a float32 CPU batch of 1. Checking
+    the sources there costs nanoseconds where Python's checks cost microseconds per layer.
+    ``h0``, ``c0``: the LSTM state, or :data:`EMPTY` twice at the first layer.
     """
-    h0, c0 = step.state if step.state is not None else (_EMPTY, _EMPTY)
-    y, decisions, h, c = step.module.layer(
-        x,
-        *_gate_args(step.weights),
-        h0,
-        c0,
-        *bank,
-        *folded,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
+    return step.module.Layer(
+        list(_gate_args(step.weights)),
+        [*bank, *folded],
+        list(conv.stride),
+        list(conv.padding),
+        list(conv.dilation),
         conv.groups,
+        [*step.sources, *sources],
     )
-    return y, decisions, (h, c)
 
 
 def _gate_args(w: _EvalWeights) -> tuple[Tensor, ...]:
     """The eval weights in the kernel's argument order; the kernel only reads them."""
-    emb = _EMPTY if w.emb is None else w.emb.t()  # (E, C_in), the stored layout
-    emb_bias = _EMPTY if w.emb_bias is None else w.emb_bias
+    emb = EMPTY if w.emb is None else w.emb.t()  # (E, C_in), the stored layout
+    emb_bias = EMPTY if w.emb_bias is None else w.emb_bias
     return emb, emb_bias, w.inp, w.bias, w.hid, w.head, w.head_bias

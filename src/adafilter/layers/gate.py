@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import cpu_gate
+from . import cache, cpu_gate
 from .cache import TensorsKey
 from .capture import is_compiling
 
@@ -128,6 +128,7 @@ class RecurrentGate(nn.Module):
     def _drop_caches(self) -> None:
         self._fused.clear()
         self._cell_fused = None
+        cache.drop_all()
 
     def _eval_weights(self, index: int) -> _EvalWeights:
         """Layer ``index``'s gate as few, pre-transposed matrices for the eval step.
@@ -188,19 +189,19 @@ class RecurrentGate(nn.Module):
         # runs ~1.5x faster at batch 1 than over a (C_in, E) copy (measured, MKL, 1 thread)
         return _EvalWeights(emb.weight.t(), emb.bias, w_ih_t, b, w_hh, w_head, head.bias)
 
-    def compiled_step(
-        self, index: int, x: Tensor, state: tuple[Tensor, Tensor] | None
-    ) -> cpu_gate.LayerStep | None:
-        """Layer ``index``'s eval step as the compiled CPU kernel, for the layer to run fused
-        with its conv; ``None`` where it cannot run (training, capture, not built, not a
-        float32 CPU input without autograd)."""
+    def compiled_step(self, index: int, x: Tensor) -> cpu_gate.LayerStep | None:
+        """Layer ``index``'s eval step as the compiled CPU kernel, for the layer to bind with
+        its filters; ``None`` where it cannot run (training, capture, not built, not a float32
+        CPU input without autograd)."""
         if self.training or self.capturable or is_compiling() or torch.is_grad_enabled():
             return None
         module = cpu_gate.get()  # where it has been built
         if module is None:
             return None
         w = self._eval_weights(index)
-        return cpu_gate.LayerStep(module, w, state) if cpu_gate.usable(x, w) else None
+        if not cpu_gate.usable(x, w):
+            return None
+        return cpu_gate.LayerStep(module, w, self._fused[index][0].tensors)
 
     def _step_eval(
         self, index: int, x: Tensor, state: tuple[Tensor, Tensor] | None

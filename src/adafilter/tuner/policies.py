@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..layers import cpu_gate
 from ..layers.gate import CNNGate, RecurrentGate, binarize
 
 if TYPE_CHECKING:
@@ -33,6 +34,13 @@ class ForwardPolicies:
         self.cnn_logits: list[Tensor] | None = None
         if owner.policy_mode == "learned" and isinstance(owner.gate, CNNGate):
             self.cnn_logits = owner.gate(image)
+        self._compilable = (
+            cpu_gate.ENABLED
+            and owner.policy_mode == "learned"
+            and isinstance(owner.gate, RecurrentGate)
+            and not owner.training
+            and not keep_logits
+        )
 
     def policy(self, index: int, x: Tensor) -> Tensor:
         """Gated layer ``index``'s decisions for its input ``x`` (B, C_in, H, W).
@@ -70,23 +78,25 @@ class ForwardPolicies:
         self.decisions[index] = g.detach() if g.requires_grad else g  # no graph kept alive
         return g
 
-    def compiled_step(self, index: int, x: Tensor) -> LayerStep | None:
-        """The learned gate's compiled CPU step for layer ``index``, which the layer runs fused
-        with its conv and reports back through :meth:`record`; ``None`` where the policy comes
-        another way (other modes, the CNN gate, training, kept logits, kernel not built)."""
-        owner = self.owner
-        if (
-            owner.policy_mode != "learned"
-            or owner.training
-            or self.cnn_logits is not None
-            or self.logits is not None
-        ):
+    def compiled_state(self) -> tuple[Tensor, Tensor] | None:
+        """Where batch-1 gated layers may run the learned gate as compiled code fused with
+        their conv: the LSTM state before the next layer (``EMPTY`` twice before the first);
+        ``None`` where the policy comes another way (other modes, the CNN gate, training,
+        kept logits)."""
+        if not self._compilable:
             return None
-        assert isinstance(owner.gate, RecurrentGate)
-        return owner.gate.compiled_step(index, x, self.state)
+        return self.state if self.state is not None else (cpu_gate.EMPTY, cpu_gate.EMPTY)
+
+    def compiled_step(self, index: int, x: Tensor) -> LayerStep | None:
+        """The learned gate's compiled CPU step for layer ``index`` (see
+        :meth:`compiled_state`), or ``None`` where it is not built or cannot run."""
+        if not self._compilable:
+            return None
+        assert isinstance(self.owner.gate, RecurrentGate)
+        return self.owner.gate.compiled_step(index, x)
 
     def record(self, index: int, decisions: Tensor, state: tuple[Tensor, Tensor]) -> None:
-        """Layer ``index`` ran :meth:`compiled_step`: its (B, C_out) bool decisions and the
-        LSTM state after it."""
+        """Layer ``index`` ran the compiled step: its (B, C_out) bool decisions and the LSTM
+        state after it."""
         self.decisions[index] = decisions
         self.state = state
