@@ -1,5 +1,5 @@
-"""Triton gated-BN kernels (layers/kernels.py), forward and backward, against the eager path
-they replace on CUDA.
+"""Triton kernels (layers/kernels.py) -- the gated BN forward and backward, the gate's eval
+step -- against the eager paths they replace on CUDA.
 
 On CPU they run through Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before
 Triton is imported: a subprocess); skipped where Triton or its interpreter is unavailable. On
@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from adafilter.layers import kernels
+from adafilter.layers import cpu_gate, kernels
+from adafilter.layers.gate import RecurrentGate
 from adafilter.layers.gated_bn import gated_batch_norm
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -82,6 +83,7 @@ def compare(device: str) -> None:
         k1, k2, k3 = (k[j, r][:, :, None, None] for j in range(3))
         want_x = torch.where(routed[:, :, None, None], k1 * dy + k2 * x + k3, 0.0)
         torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-4)
+    _compare_gate_step(device, gen)
     for training in (True, False):
         kernels.ENABLED = True
         out_k, rest_k = _run(device, training)
@@ -94,7 +96,26 @@ def compare(device: str) -> None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.slow  # the interpreter runs each program in Python (~20 s of CPU here)
+def _compare_gate_step(device: str, gen: torch.Generator) -> None:
+    """The gate's eval step kernel against the ATen step: embedding folded into the input
+    map or not, C_in and C_out over one block, batch 1 and 3, first step and with state."""
+    gate = RecurrentGate([8, 300, 12], [16, 70, 40], embed_dim=6, hidden_dim=5).eval()
+    gate = gate.to(device)
+    assert gate._eval_weights(0).emb is None and gate._eval_weights(1).emb is not None
+    for batch in (1, 3):
+        state_k = state_e = None
+        for i, c in enumerate((8, 300, 12)):
+            x = torch.randn(batch, c, 5, 4, generator=gen).to(device)
+            with torch.no_grad():
+                logits_k, state_k = kernels.gate_step(x, *gate._eval_weights(i), state_k)
+                kernels.ENABLED, cpu_gate.ENABLED = False, False
+                logits_e, state_e = gate._step_eval(i, x, state_e)
+                kernels.ENABLED, cpu_gate.ENABLED = True, True
+            for got, want in zip((logits_k, *state_k), (logits_e, *state_e), strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow  # the interpreter runs each program in Python (~30 s of CPU here)
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernels_match_eager_under_triton_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
@@ -126,6 +147,9 @@ def test_kernels_reject_bad_shapes() -> None:
         kernels.plane_sums(x[:1], x, x)
     with pytest.raises(ValueError, match="k \\(3, 2, 2, 3\\)"):
         kernels.branch_grads(x, x, x, torch.zeros(2, 3, dtype=torch.bool), torch.zeros(3, 2, 2))
+    w = RecurrentGate([4], [6], embed_dim=3, hidden_dim=2).eval()._eval_weights(0)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.gate_step(torch.zeros(1, 5, 2, 2), *w, None)  # 5 channels, the gate takes 4
 
 
 def test_kernels_off_on_cpu_without_interpreter() -> None:

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import cache, cpu_gate
+from . import cache, cpu_gate, kernels
 from .cache import TensorsKey
 from .capture import is_compiling
 
@@ -208,10 +208,13 @@ class RecurrentGate(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The same LSTM step with fused, pre-scaled weights (eval mode; equal up to rounding)."""
         w = self._eval_weights(index)
-        if not (self.capturable or is_compiling()) and cpu_gate.usable(x, w):
-            module = cpu_gate.get()  # the compiled step, where it has been built
-            if module is not None:
-                return cpu_gate.step(module, x, w, state)
+        if not (self.capturable or is_compiling()):
+            if cpu_gate.usable(x, w):
+                module = cpu_gate.get()  # the compiled step, where it has been built
+                if module is not None:
+                    return cpu_gate.step(module, x, w, state)
+            elif x.device.type == "cuda" and kernels.available(x) and not torch.is_grad_enabled():
+                return kernels.gate_step(x, *w, state)  # one Triton kernel after the pooling
         pooled = x.sum((2, 3))  # (B, C_in); the mean's 1/(HW) is the first product's alpha
         if self.detach_input and pooled.requires_grad:
             pooled = pooled.detach()
