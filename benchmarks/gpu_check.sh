@@ -19,6 +19,10 @@ tail -3 "$OUT/speed.log"
 # eager vs torch.compile (default and reduce-overhead = CUDA graphs), graph breaks (issue 14)
 timeout 400 python3 benchmarks/speed.py --device cuda --only compile --reps "${REPS:-20}" \
   > "$OUT/speed-compile.log" 2>&1 || status=1
+# the eval rows again with the Triton kernels off: A/B of the gated-BN and gate-step kernels
+ADAFILTER_TRITON=0 timeout 200 python3 benchmarks/speed.py --device cuda --only eval1,eval32 \
+  --reps "${REPS:-20}" --out speed-cuda-no-triton.json > "$OUT/speed-no-triton.log" 2>&1 || status=1
+cp benchmarks/results/speed-cuda-no-triton.json "$OUT/" 2>/dev/null
 cp benchmarks/results/speed-cuda-compile.json "$OUT/" 2>/dev/null
 cp benchmarks/results/speed-cuda.json "$OUT/" 2>/dev/null
 python3 - "$OUT/speed-cuda.json" <<'PY' || status=1

@@ -41,11 +41,12 @@ def ensure_cpu_gate() -> bool:
     """Build the compiled CPU gate in the foreground where it is missing, so that a timing
     measures the default inference path from its first repetition (inference itself would
     start the build in the background, landing mid-measurement). ``False`` where it is
-    turned off (``ADAFILTER_CPU_GATE=0``) or cannot be built (the ATen step is measured)."""
-    cpu_gate.AUTO_BUILD = False
+    turned off (``ADAFILTER_CPU_GATE=0``; ``prebuilt``: only a kernel built before is used)
+    or cannot be built (the ATen step is measured)."""
+    may_build, cpu_gate.AUTO_BUILD = cpu_gate.AUTO_BUILD, False
     if not cpu_gate.ENABLED:
         return False
-    if cpu_gate.get() is None:
+    if cpu_gate.get() is None and may_build:
         try:
             cpu_gate.build()
         except RuntimeError as exc:

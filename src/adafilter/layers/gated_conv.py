@@ -347,27 +347,34 @@ class GatedConv2dBN(nn.Module):
             if capturable:
                 return self._forward_fast_capturable(x, sel)
             return self._forward_fast(x, sel)
+        xf, xs = self._branches(x, g, capturable)  # (B, C_out, H', W') each
+        return self._select(xf, xs, g, capturable)
+
+    def _branches(self, x: Tensor, g: Tensor, capturable: bool) -> tuple[Tensor, Tensor]:
+        """Both convs' outputs, ``F(x)`` and ``S(x)``; on CPU with gradients, their backward
+        only on the filters some example routes to each branch (see the module's autograd
+        functions)."""
         # Skipping unused filters needs their count on the host: free on CPU, but on a GPU
         # that read would stall the launch queue once per layer, which costs more than it saves.
         subset = self.subset_backward and x.device.type == "cpu" and not capturable
-        if torch.is_grad_enabled() and subset:
-            sel = g.detach() > 0.5  # (B, C)
-            conv = _SubsetBackwardConv.apply
-            f, s_ = self.conv_f, self.conv_s
-            if not g.requires_grad and bool(sel.all()):
-                # A fixed all-F policy (no policy gradient wants BN_S(S x)): S is never read.
-                xf = conv(x, f.weight, f.bias, sel.any(0), f)
-                xs = xf.detach()
-            elif self.dual_conv and s_.groups == 1:
-                xf, xs = _DualConv.apply(
-                    x, f.weight, f.bias, s_.weight, s_.bias, sel.any(0), ~sel.all(0), s_
-                )
-            else:
-                xf = conv(x, f.weight, f.bias, sel.any(0), f)
-                xs = conv(x, s_.weight, s_.bias, ~sel.all(0), s_)
-        else:
-            xf = self._conv(x, self.conv_f.weight, self.conv_f.bias)  # (B, C, H', W')
-            xs = self._conv(x, self.conv_s.weight, self.conv_s.bias)  # (B, C, H', W')
+        f, s_ = self.conv_f, self.conv_s
+        if not (torch.is_grad_enabled() and subset):
+            return self._conv(x, f.weight, f.bias), self._conv(x, s_.weight, s_.bias)
+        sel = g.detach() > 0.5  # (B, C)
+        conv = _SubsetBackwardConv.apply
+        if not g.requires_grad and bool(sel.all()):
+            # A fixed all-F policy (no policy gradient wants BN_S(S x)): S is never read.
+            xf = conv(x, f.weight, f.bias, sel.any(0), f)
+            return xf, xf.detach()
+        if self.dual_conv and s_.groups == 1:
+            return _DualConv.apply(
+                x, f.weight, f.bias, s_.weight, s_.bias, sel.any(0), ~sel.all(0), s_
+            )
+        xf = conv(x, f.weight, f.bias, sel.any(0), f)
+        return xf, conv(x, s_.weight, s_.bias, ~sel.all(0), s_)
+
+    def _select(self, xf: Tensor, xs: Tensor, g: Tensor, capturable: bool) -> Tensor:
+        """Eq. 1 and the BN after it: the gated BN (Eq. 5), or one standard BN (ablation)."""
         if self.gated_bn:
             return gated_batch_norm(
                 xf,
