@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -459,9 +460,50 @@ def test_compiled_layer_only_where_it_applies(
     assert not compiled_runs and module.runs == 20
 
 
+def _check_threads_share_banks_safely() -> None:
+    """Four threads run batch-1 forwards of one model at once: each output equals the same
+    example's forward run alone (the merged banks are updated in place and shared; without
+    the per-bank lock 10 of 40 differed here on the Python path)."""
+    model = _mixed_model("resnet18")
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, 3, 64, 64, generator=gen) for _ in range(8)]
+    with torch.no_grad():
+        want = [model(x) for x in xs]
+    wrong: list[int] = []
+
+    def work(k: int) -> None:
+        with torch.no_grad():
+            for r in range(10):
+                i = (k + r) % len(xs)
+                if not torch.allclose(model(xs[i]), want[i], rtol=1e-4, atol=1e-4):
+                    wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+@pytest.mark.parametrize("path", ["python", "compiled"])
+def test_concurrent_batch1_forwards(
+    path: str, compiled_runs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if path == "compiled":
+        module = _reference_module()
+        monkeypatch.setattr(cpu_gate, "get", lambda: module)
+    else:
+        monkeypatch.setattr(cpu_gate, "ENABLED", False)
+    _check_threads_share_banks_safely()
+    assert bool(compiled_runs) == (path == "compiled")
+
+
 @pytest.mark.slow  # compiles the kernel (~1 min on a fresh machine, once per module)
 @pytest.mark.parametrize("name", list(_MODELS))
 def test_built_compiled_layers(name: str, built: object, compiled_runs: list[int]) -> None:
     assert cpu_gate.get() is built
     _check_compiled_layers(name, compiled_runs)
     _check_bound_layers_follow_changes(name, compiled_runs)
+    if name == "resnet18":
+        _check_threads_share_banks_safely()

@@ -232,7 +232,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                           std::vector<int64_t>, std::vector<int64_t>, int64_t,
                           std::vector<at::Tensor>>())
-      .def("run", &Layer::run);
+      // the conv and the recopy run without the GIL; the caller serialises runs on one bank
+      .def("run", &Layer::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 """
 
@@ -442,7 +443,9 @@ def bind(
     ``sources`` (the layer's parameters and buffers; the gate's come with ``step``) moved or
     changed in place since binding, or when ``x`` is not a float32 CPU batch of 1. Checking
     the sources there costs nanoseconds where Python's checks cost microseconds per layer.
-    ``h0``, ``c0``: the LSTM state, or :data:`EMPTY` twice at the first layer.
+    ``h0``, ``c0``: the LSTM state, or :data:`EMPTY` twice at the first layer. ``run``
+    releases the GIL; callers serialise the runs that share a bank (the layer holds its
+    bank's lock).
     """
     return step.module.Layer(
         list(_gate_args(step.weights)),

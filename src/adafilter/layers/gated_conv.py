@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -259,6 +260,14 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
+class _Merged(NamedTuple):
+    """The batch-1 merged filter bank, numpy views of it and of its sources, and its lock."""
+
+    bank: cpu_gate.FilterBank
+    views: list  # [decisions (C,), (merged, F, S) weight bits, (merged, F, S) bias bits]
+    lock: threading.Lock
+
+
 class GatedConv2dBN(nn.Module):
     """Gated conv + (gated) BN: ``y = G * BN_F(F(x)) + (1 - G) * BN_S(S(x))``.
 
@@ -312,9 +321,8 @@ class GatedConv2dBN(nn.Module):
             self.bn = bn
         self._fold_key: TensorsKey | None = None
         self._fold: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-        # batch-1 merged filters and their numpy views (see _bank)
-        self._merged: tuple[cpu_gate.FilterBank, list] | None = None
-        self._plan: Any = None  # the bound batch-1 compiled call (see _bind)
+        self._merged: _Merged | None = None  # batch-1 merged filters (see _bank)
+        self._plan: tuple[Any, threading.Lock] | None = None  # bound compiled call (_bind)
         self._plan_epoch = -1
 
     @property
@@ -455,7 +463,9 @@ class GatedConv2dBN(nn.Module):
                 sel[:, :, None, None], self._conv(x, w_f, b_f), self._conv(x, w_s, b_s)
             )
         if x.shape[0] == 1:
-            return self._conv(x, *self._merge(sel[0], w_f, b_f, w_s, b_s))
+            merged = self._bank((w_f, b_f, w_s, b_s))
+            with merged.lock:  # threads share the bank: merge and conv as one step
+                return self._conv(x, *self._merge(sel[0], merged))
         need_f = sel.any(0)  # (C,) filters some example takes from F
         need_s = ~sel.all(0)  # (C,) ... from S
         if not need_s.any():
@@ -498,20 +508,25 @@ class GatedConv2dBN(nn.Module):
         if state is None:
             return None
         plan = self._plan if self._plan_epoch == cache.epoch() else None
-        out = plan.run(x, *state) if plan is not None else None
+        out = None
+        if plan is not None:
+            with plan[1]:  # the bank it updates in place is shared by concurrent forwards
+                out = plan[0].run(x, *state)
         if not out:  # not bound yet, or a source changed since
             plan = self._bind(source, x)
             if plan is None:
                 return None
-            out = plan.run(x, *state)
+            with plan[1]:
+                out = plan[0].run(x, *state)
             if not out:
                 return None
         y, decisions, h, c = out
         source.record(self.index, decisions, (h, c))
         return y  # (1, C_out, H', W')
 
-    def _bind(self, source: PolicySource, x: Tensor) -> Any:
-        """Bind this layer's batch-1 compiled call (``None`` where there is none)."""
+    def _bind(self, source: PolicySource, x: Tensor) -> tuple[Any, threading.Lock] | None:
+        """Bind this layer's batch-1 compiled call, with its bank's lock (``None`` where there
+        is none)."""
         self._plan = None
         conv = self.conv_s
         if isinstance(conv.padding, str):  # 'same'/'valid': the kernel takes explicit padding
@@ -522,17 +537,16 @@ class GatedConv2dBN(nn.Module):
         folded = self._folded()
         if folded[0].dtype != torch.float32:
             return None
-        bank, _ = self._bank(folded)
+        merged = self._bank(folded)
         assert self._fold_key is not None
-        self._plan = cpu_gate.bind(step, bank, folded, conv, self._fold_key.tensors)
-        self._plan_epoch = cache.epoch()
+        bound = cpu_gate.bind(step, merged.bank, folded, conv, self._fold_key.tensors)
+        self._plan, self._plan_epoch = (bound, merged.lock), cache.epoch()
         return self._plan
 
-    def _bank(
-        self, folded: tuple[Tensor, Tensor, Tensor, Tensor]
-    ) -> tuple[cpu_gate.FilterBank, list]:
+    def _bank(self, folded: tuple[Tensor, Tensor, Tensor, Tensor]) -> _Merged:
         """The batch-1 filter bank, made on first use as S's filters with all decisions
-        ``False``; then updated in place, by :meth:`_merge` or the compiled kernel."""
+        ``False``; then updated in place, by :meth:`_merge` or the compiled kernel, under
+        its lock (concurrent forwards in threads share it)."""
         if self._merged is None:
             w_f, b_f, w_s, b_s = folded
             bank = cpu_gate.FilterBank(
@@ -542,13 +556,13 @@ class GatedConv2dBN(nn.Module):
             # dispatches. The bank is this cache's own (nothing else holds it), so writing
             # through numpy is safe, also for tensors made under inference_mode.
             ts = ((bank.weight, w_f, w_s), (bank.bias, b_f, b_s))
-            self._merged = (bank, [bank.prev.numpy(), *(tuple(map(_bits, t)) for t in ts)])
+            views = [bank.prev.numpy(), *(tuple(map(_bits, t)) for t in ts)]
+            self._merged = _Merged(bank, views, threading.Lock())
         return self._merged
 
-    def _merge(
-        self, sel: Tensor, w_f: Tensor, b_f: Tensor, w_s: Tensor, b_s: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """One example's filters (CPU), updated in place from the previous example's.
+    def _merge(self, sel: Tensor, merged: _Merged) -> tuple[Tensor, Tensor]:
+        """One example's filters (CPU), updated in place from the previous example's; the
+        caller holds ``merged.lock`` until its conv has read them.
 
         Consecutive inputs share most decisions, so only the filters whose decision changed are
         copied (a full merge reads both weight tensors: at batch 1 that costs as much memory
@@ -556,8 +570,8 @@ class GatedConv2dBN(nn.Module):
         copied in numpy: a few microseconds, where the same in ATen took ~15 operations a layer.
         """
         now = sel.numpy()  # (C,) bool, shares memory with ``sel``
-        bank, (prev, *views) = self._bank((w_f, b_f, w_s, b_s))
-        w, b = bank.weight, bank.bias
+        prev, *views = merged.views
+        w, b = merged.bank.weight, merged.bank.bias
         diff = now != prev
         if diff.any():
             changed = diff.nonzero()[0]
