@@ -227,6 +227,27 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tiny: dict, tmp_path:
     assert json.loads(lines[0])["test_acc"] == b[-1]["test_acc"]
 
 
+def test_training_starts_no_kernel_build(
+    tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluation inside training does not start the background build of the compiled CPU
+    code (it would skew the run's throughput); the first inference afterwards does."""
+    from adafilter.layers import cpu_gate
+
+    started: list[int] = []
+    monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path / "home"))
+    for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
+        monkeypatch.setattr(cpu_gate, name, value)
+    monkeypatch.setattr(cpu_gate, "ENABLED", True)
+    monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
+    monkeypatch.setattr(cpu_gate, "_build_in_background", lambda: started.append(1) or True)
+    out = tmp_path / "ada"
+    assert main(train_args(tiny["data"], out, "adafilter", "--epochs", "1", "--quiet")) == 0
+    assert not started
+    monkeypatch.setattr(cpu_gate, "_next_look", 0.0)
+    assert cpu_gate.get() is None and started == [1]
+
+
 @pytest.mark.parametrize("method", ["random-policy", "l2sp"])
 def test_eval_reproduces_recorded_accuracy(
     tiny: dict, tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import threading
 import time
 import warnings
@@ -88,10 +89,12 @@ class _FakeBuild:
 def _toolchain(monkeypatch: pytest.MonkeyPatch, present: bool) -> None:
     import torch.utils.cpp_extension as ext
 
-    monkeypatch.setattr(cpu_gate.shutil, "which", lambda name: "/usr/bin/c++" if present else None)
+    which = SimpleNamespace(which=lambda name: "/usr/bin/c++" if present else None)
+    monkeypatch.setattr(cpu_gate, "shutil", which)
     monkeypatch.setattr(ext, "is_ninja_available", lambda: present)
     monkeypatch.setenv("PATH", os.environ.get("PATH", ""))  # _ninja() may prepend to it
-    monkeypatch.setattr(cpu_gate.subprocess, "Popen", _FakeBuild)
+    fake = SimpleNamespace(Popen=_FakeBuild, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT)
+    monkeypatch.setattr(cpu_gate, "subprocess", fake)  # this module's Popen only
     _FakeBuild.started.clear()
 
 
@@ -141,6 +144,25 @@ def test_no_background_build(case: str, fresh: Path, monkeypatch: pytest.MonkeyP
         assert cpu_gate.get() is None
     assert not looks
     assert len(_FakeBuild.started) == (1 if case == "build-failed" else 0)
+
+
+def test_no_build_starts_while_paused(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training pauses builds (it wraps its run in builds_paused()); the first look after
+    the pause starts it."""
+    monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
+    _toolchain(monkeypatch, present=True)
+    clock = [100.0]
+    monkeypatch.setattr(cpu_gate.time, "monotonic", lambda: clock[0])
+    with warnings.catch_warnings(), cpu_gate.builds_paused():
+        warnings.simplefilter("error")
+        assert cpu_gate.get() is None
+        clock[0] += cpu_gate.LOOK_EVERY_S
+        assert cpu_gate.get() is None
+    assert not _FakeBuild.started
+    clock[0] += cpu_gate.LOOK_EVERY_S
+    with pytest.warns(UserWarning, match="in the background"):
+        assert cpu_gate.get() is None
+    assert len(_FakeBuild.started) == 1
 
 
 def test_a_stale_build_lock_is_removed(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,14 +12,15 @@ whose decision changed, the conv -- in one call from Python (:func:`layer`).
 The code is compiled once per machine with PyTorch's C++ extension tooling (a C++ compiler and
 ``ninja`` are needed) by :func:`build` -- ``adafilter build-kernels`` -- into
 ``$ADAFILTER_HOME/kernels/``. Inference uses it wherever it has been built. A forward never
-compiles: where it is missing, the first CPU eval step starts the build as a detached
-background process and keeps the ATen step until the library appears (:func:`get`).
+compiles: where it is missing, the first CPU eval step outside training starts the build as a
+detached background process and keeps the ATen step until the library appears (:func:`get`).
 ``ADAFILTER_CPU_GATE=0`` (or ``cpu_gate.ENABLED = False``) keeps the ATen step;
 ``ADAFILTER_CPU_GATE=prebuilt`` uses a built kernel but never starts a build.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -336,7 +337,7 @@ def get() -> ModuleType | None:
     now = time.monotonic()
     if now < _next_look:
         return None
-    _next_look = math.inf  # unless a build is running (below)
+    _next_look = math.inf  # unless a build is running or paused (below)
     lib = _library()
     if lib.is_file():
         try:
@@ -348,9 +349,25 @@ def get() -> ModuleType | None:
                 stacklevel=2,
             )
         return _module
-    if AUTO_BUILD and _build_in_background():
-        _next_look = now + LOOK_EVERY_S
+    if AUTO_BUILD and (_paused or _build_in_background()):
+        _next_look = now + LOOK_EVERY_S  # look (or start) again later
     return None
+
+
+_paused = 0
+
+
+@contextlib.contextmanager
+def builds_paused() -> Iterator[None]:
+    """Inside the block :func:`get` starts no background build (a built kernel is still
+    used): training wraps its run in it, since a compile beside it would skew its throughput
+    figures. The first inference after the block starts the build."""
+    global _paused
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
 
 
 # `adafilter build-kernels` at low priority (it must not slow down the inference that started it)

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import get_rng_state, load_checkpoint, scheduler_state, set_rng_state
 from ..distributed import DistEnv, cleanup_distributed, env_from_environ, init_distributed
 from ..errors import AdaFilterError
+from ..layers import cpu_gate
 from ..methods import METHODS, Prepared, trainable_per_example
 from ..utils.seeding import seed_epoch
 from .build import amp_dtype, build_model, compiled_model, graphed_forward, resolve_device
@@ -89,18 +90,20 @@ def fit(config: TrainConfig, *, on_step: StepCallback | None = None) -> dict[str
     # The CUDA device is selected before the process group exists so NCCL binds to it.
     device = resolve_device(config.device, env_from_environ())
     env = init_distributed(device)
+    # No compile of the CPU inference code beside training: it would skew the throughput.
     try:
-        trainer = Trainer(config, env=env, device=device, splits=splits, run_dir=run_dir)
-        if ckpt is not None:
-            trainer.restore(ckpt)
-        elif config.resume and not trainer.quiet:
-            logger.info("no checkpoint in %s yet: starting a new run", run_dir.path)
-        trainer.prepare_loop()
-        for epoch in range(trainer.start_epoch, config.epochs + 1):
-            trainer.run_epoch(epoch, on_step=on_step)
-            if trainer.main:
-                trainer.save(epoch)
-        return trainer.finish()
+        with cpu_gate.builds_paused():
+            trainer = Trainer(config, env=env, device=device, splits=splits, run_dir=run_dir)
+            if ckpt is not None:
+                trainer.restore(ckpt)
+            elif config.resume and not trainer.quiet:
+                logger.info("no checkpoint in %s yet: starting a new run", run_dir.path)
+            trainer.prepare_loop()
+            for epoch in range(trainer.start_epoch, config.epochs + 1):
+                trainer.run_epoch(epoch, on_step=on_step)
+                if trainer.main:
+                    trainer.save(epoch)
+            return trainer.finish()
     finally:
         cleanup_distributed()
 
