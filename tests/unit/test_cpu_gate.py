@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from adafilter import AdaFilterConfig, AdaFilterModel, wrap
 from adafilter.layers import cpu_gate
 from adafilter.layers.gate import RecurrentGate
-from adafilter.layers.gated_conv import policy_source
+from adafilter.layers.gated_conv import GatedConv2dBN, policy_source
 from adafilter.tuner.policies import ForwardPolicies
 from helpers import mix_policies, perturb_bn
 
@@ -454,7 +454,7 @@ def test_compiled_layer_only_where_it_applies(
     """Batch > 1, gradients on, training, kept logits, non-learned modes, the CNN gate and
     a disabled kernel all keep the Python path."""
     module = _reference_module()
-    monkeypatch.setattr(cpu_gate, "get", lambda: module)
+    monkeypatch.setattr(cpu_gate, "get", lambda: module if cpu_gate.ENABLED else None)  # as get()
     model = _mixed_model("resnet18")
     x1, x2 = torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -476,6 +476,11 @@ def test_compiled_layer_only_where_it_applies(
     with torch.no_grad():
         model(x1)
     monkeypatch.setattr(cpu_gate, "ENABLED", True)
+    with monkeypatch.context() as mp, torch.no_grad():
+        # not built: not even a binding is attempted (decided once per forward)
+        mp.setattr(cpu_gate, "get", lambda: None)
+        mp.setattr(GatedConv2dBN, "_bind", lambda *a: pytest.fail("tried to bind"))
+        model(x1)
     cnn = wrap(torchvision.models.resnet18(num_classes=5), config=AdaFilterConfig(gate="cnn"))
     with torch.no_grad():
         cnn.eval()(x1)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..layers import cpu_gate
+from ..layers.capture import is_compiling
 from ..layers.gate import CNNGate, RecurrentGate, binarize
 
 if TYPE_CHECKING:
@@ -34,12 +35,18 @@ class ForwardPolicies:
         self.cnn_logits: list[Tensor] | None = None
         if owner.policy_mode == "learned" and isinstance(owner.gate, CNNGate):
             self.cnn_logits = owner.gate(image)
+        # decided once per forward, so a model without the built kernel (or on another
+        # device or dtype) pays nothing per layer for the compiled path
         self._compilable = (
-            cpu_gate.ENABLED
-            and owner.policy_mode == "learned"
+            owner.policy_mode == "learned"
             and isinstance(owner.gate, RecurrentGate)
             and not owner.training
             and not keep_logits
+            and not torch.is_grad_enabled()
+            and image.device.type == "cpu"
+            and image.dtype == torch.float32
+            and not is_compiling()  # a traced forward never reads the host (nor the kernel)
+            and cpu_gate.get() is not None
         )
 
     def policy(self, index: int, x: Tensor) -> Tensor:
