@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One-call check on a CUDA machine (no install: uses its python3 with torch + src/ on the path).
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-# 1) the CUDA cases of the test suite (gated BN vs float64, autocast fp16/bf16, fast == dual
-#    path, torchrun with two ranks on the GPU); 2) benchmarks/speed.py on the GPU.
-# Logs and benchmarks/results/speed-cuda.json are copied to $OUT.
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh            # STAGE=core: fits one 10-minute call
+#   OUT=/tmp/gpu STAGE=compile bash benchmarks/gpu_check.sh   # eager vs torch.compile rows
+# core: 1) the CUDA cases of the test suite (gated BN vs float64, autocast fp16/bf16, fast ==
+# dual path, the Triton kernels vs eager, torchrun with two ranks on the GPU); 2)
+# benchmarks/speed.py on the GPU; 3) launches per training step (launch_count.py); 4) the eval
+# rows with the Triton kernels off. Logs and the result JSON files are copied to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/adafilter-gpu}
 mkdir -p "$OUT"
@@ -11,19 +13,25 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 status=0
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/unit/test_devices.py \
+if [ "${STAGE:-core}" = compile ]; then
+  # eager vs torch.compile (default and reduce-overhead = CUDA graphs), graph breaks (issue 14)
+  timeout 540 python3 benchmarks/speed.py --device cuda --only compile --reps "${REPS:-20}" \
+    > "$OUT/speed-compile.log" 2>&1 || status=1
+  tail -5 "$OUT/speed-compile.log"
+  cp benchmarks/results/speed-cuda-compile.json "$OUT/" 2>/dev/null
+  exit $status
+fi
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_devices.py \
   "tests/integration/test_distributed.py::test_torchrun_two_processes[cuda]" \
   tests/unit/test_kernels.py::test_kernels_match_eager_on_cuda 2>&1 | tee "$OUT/pytest.log" | tail -15 || status=1
-timeout 300 python3 benchmarks/speed.py --device cuda --reps "${REPS:-20}" > "$OUT/speed.log" 2>&1 || status=1
+timeout 240 python3 benchmarks/speed.py --device cuda --reps "${REPS:-20}" > "$OUT/speed.log" 2>&1 || status=1
 tail -3 "$OUT/speed.log"
-# eager vs torch.compile (default and reduce-overhead = CUDA graphs), graph breaks (issue 14)
-timeout 400 python3 benchmarks/speed.py --device cuda --only compile --reps "${REPS:-20}" \
-  > "$OUT/speed-compile.log" 2>&1 || status=1
+timeout 40 python3 benchmarks/launch_count.py --device cuda --out "$OUT/launch-count-cuda.json" \
+  > "$OUT/launch-count.log" 2>&1 || status=1
 # the eval rows again with the Triton kernels off: A/B of the gated-BN and gate-step kernels
-ADAFILTER_TRITON=0 timeout 200 python3 benchmarks/speed.py --device cuda --only eval1,eval32 \
+ADAFILTER_TRITON=0 timeout 90 python3 benchmarks/speed.py --device cuda --only eval1,eval32 \
   --reps "${REPS:-20}" --out speed-cuda-no-triton.json > "$OUT/speed-no-triton.log" 2>&1 || status=1
 cp benchmarks/results/speed-cuda-no-triton.json "$OUT/" 2>/dev/null
-cp benchmarks/results/speed-cuda-compile.json "$OUT/" 2>/dev/null
 cp benchmarks/results/speed-cuda.json "$OUT/" 2>/dev/null
 python3 - "$OUT/speed-cuda.json" <<'PY' || status=1
 import json, sys

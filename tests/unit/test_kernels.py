@@ -26,9 +26,11 @@ from adafilter.layers.gated_bn import gated_batch_norm
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _bns(c: int, device: str) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
+def _bns(
+    c: int, device: str, momentum: float | None = 0.1
+) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
     gen = torch.Generator().manual_seed(1)
-    bn_f, bn_s = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+    bn_f, bn_s = nn.BatchNorm2d(c, momentum=momentum), nn.BatchNorm2d(c, eps=1e-3)
     with torch.no_grad():
         for bn in (bn_f, bn_s):
             bn.weight.copy_(1 + 0.3 * torch.randn(c, generator=gen))
@@ -38,23 +40,31 @@ def _bns(c: int, device: str) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
     return bn_f.to(device), bn_s.to(device)
 
 
-def _run(device: str, training: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Gated BN on a batch with degenerate, whole and mixed channels: output, grads, state."""
+def _run(
+    device: str, training: bool, routing: str = "mixed", momentum: float | None = 0.1
+) -> tuple[torch.Tensor, list]:
+    """Gated BN on a batch with degenerate, whole and mixed channels (``routing="mixed"``), or
+    one example routed wholly to F / to S (a standard BN by the whole-branch rule, though
+    below ``min_examples``): output, grads, BN state. ``momentum=None`` (a cumulative average
+    in BN_F) keeps the eager statistics before the kernels' backward."""
     gen = torch.Generator().manual_seed(0)
-    b, c, h, w = 5, 6, 3, 3
+    b, c, h, w = (5, 6, 3, 3) if routing == "mixed" else (1, 6, 3, 3)
     xf = torch.randn(b, c, h, w, generator=gen).to(device).requires_grad_(True)
     xs = (torch.randn(b, c, h, w, generator=gen) + 1).to(device).requires_grad_(True)
     g = (torch.rand(b, c, generator=gen) > 0.5).float()
-    g[:, 0] = 1.0  # all F
-    g[:, 1] = 0.0
-    g[0, 1] = 1.0  # one example in F: running statistics (too few examples)
+    if routing == "mixed":
+        g[:, 0] = 1.0  # all F
+        g[:, 1] = 0.0
+        g[0, 1] = 1.0  # one example in F: running statistics (too few examples)
+    else:
+        g.fill_(1.0 if routing == "all_f" else 0.0)
     g = g.to(device).requires_grad_(True)
-    bn_f, bn_s = _bns(c, device)
+    bn_f, bn_s = _bns(c, device, momentum)
     out = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=training)
     weight = torch.linspace(-1, 2, out.numel(), device=device).view_as(out)
     (out * weight).sum().backward()
     grads = [xf.grad, xs.grad, g.grad] + [p.grad for bn in (bn_f, bn_s) for p in bn.parameters()]
-    state = [t.clone() for bn in (bn_f, bn_s) for t in (bn.running_mean, bn.running_var)]
+    state = [t.clone() for bn in (bn_f, bn_s) for t in bn.buffers()]  # running stats, batches
     return out.detach(), [t for t in grads + state if t is not None]
 
 
@@ -69,9 +79,13 @@ def compare(device: str) -> None:
     got_mean, got_var = kernels.plane_stats(xf, xs, sel)
     torch.testing.assert_close(got_mean, mean, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got_var, var, atol=1e-5, rtol=1e-4)
-    scale, shift = (torch.randn(2, 3, generator=gen).to(device) for _ in range(2))
+    scale, shift = (torch.randn(2, 3, generator=gen).to(device) for _ in range(2))  # (2, C)
     got = kernels.select_affine(xf, xs, sel, scale, shift)
-    torch.testing.assert_close(got, z * scale[:, :, None, None] + shift[:, :, None, None])
+    pick = sel[:, :, None, None]
+    want = z * torch.where(pick, scale[0, :, None, None], scale[1, :, None, None])
+    want += torch.where(pick, shift[0, :, None, None], shift[1, :, None, None])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(kernels.select_affine(xf, xs, sel.float(), scale, shift), want)
     dy = torch.randn(2, 3, 5, 7, generator=gen).to(device)
     a, p = kernels.plane_sums(dy, xf, xs)
     torch.testing.assert_close(a, dy.sum((2, 3)), atol=1e-5, rtol=1e-4)
@@ -84,11 +98,13 @@ def compare(device: str) -> None:
         want_x = torch.where(routed[:, :, None, None], k1 * dy + k2 * x + k3, 0.0)
         torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-4)
     _compare_gate_step(device, gen)
-    for training in (True, False):
+    cases = [(True, "mixed", 0.1), (True, "all_f", 0.1), (True, "all_s", 0.1)]
+    cases += [(True, "mixed", None), (False, "mixed", 0.1)]
+    for training, routing, momentum in cases:
         kernels.ENABLED = True
-        out_k, rest_k = _run(device, training)
+        out_k, rest_k = _run(device, training, routing, momentum)
         kernels.ENABLED = False
-        out_e, rest_e = _run(device, training)
+        out_e, rest_e = _run(device, training, routing, momentum)
         kernels.ENABLED = True
         torch.testing.assert_close(out_k, out_e, atol=1e-5, rtol=1e-4)
         assert len(rest_k) == len(rest_e)
@@ -147,6 +163,17 @@ def test_kernels_reject_bad_shapes() -> None:
         kernels.plane_sums(x[:1], x, x)
     with pytest.raises(ValueError, match="k \\(3, 2, 2, 3\\)"):
         kernels.branch_grads(x, x, x, torch.zeros(2, 3, dtype=torch.bool), torch.zeros(3, 2, 2))
+    sel = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="scale, shift \\(2, 3\\)"):
+        kernels.select_affine(x, x, sel, torch.zeros(2, 3), torch.zeros(2, 2))  # (B, C) shift
+    bns = (nn.BatchNorm2d(3), nn.BatchNorm2d(3))
+    with pytest.raises(ValueError, match="of the BNs' 3 channels"):
+        kernels.branch_stats(sel, sel, sel[:1], 16, bns, min_examples=2, min_values=16)
+    bns[0].momentum = None
+    with pytest.raises(ValueError, match="running statistics and momentum"):
+        kernels.branch_stats(sel, sel, sel, 16, bns, min_examples=2, min_values=16)
+    with pytest.raises(ValueError, match="stats \\(5, 2, C\\)"):
+        kernels.branch_coeffs(sel, torch.zeros(4, 2, 3), sel.bool()[:1], sel, torch.zeros(2, 2, 3))
     w = RecurrentGate([4], [6], embed_dim=3, hidden_dim=2).eval()._eval_weights(0)
     with pytest.raises(ValueError, match="do not fit"):
         kernels.gate_step(torch.zeros(1, 5, 2, 2), *w, None)  # 5 channels, the gate takes 4

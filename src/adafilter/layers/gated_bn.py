@@ -144,6 +144,9 @@ class _Stats(NamedTuple):
     shift: Tensor
     use_batch: Tensor  # bool: the branch normalises the channel with its batch statistics
     count: Tensor  # values (examples x H x W) in the branch
+    # (5, 2, C) float32 [mean, rstd, scale, shift, count] where the Triton kernel made them
+    # (the fields above are its rows), for the backward kernel; else None
+    packed: Tensor | None = None
 
 
 def _stacked(bns: tuple[nn.BatchNorm2d, nn.BatchNorm2d], dtype: torch.dtype) -> list[Tensor]:
@@ -239,6 +242,40 @@ def _both_stats(
     return _Stats(mu, rstd, scale, bias - mu * scale, use_batch, n)
 
 
+def _fusable(bns: tuple[nn.BatchNorm2d, nn.BatchNorm2d], mask: Tensor) -> bool:
+    """:func:`kernels.branch_stats` covers these BNs (affine, float32 running statistics, a
+    set momentum) and no observer wants the raw statistics."""
+    return (
+        mask.dtype == torch.float32
+        and _OBSERVER.get() is None
+        and all(
+            bn.weight is not None
+            and bn.bias is not None
+            and bn.momentum is not None
+            and bn.running_mean is not None
+            and bn.running_mean.dtype == torch.float32
+            for bn in bns
+        )
+    )
+
+
+def _kernel_stats(
+    stats: tuple[Tensor, Tensor],
+    hw: int,
+    mask: Tensor,
+    bns: tuple[nn.BatchNorm2d, nn.BatchNorm2d],
+    min_examples: int,
+    min_values: int,
+) -> _Stats:
+    """:func:`_both_stats` (training) as one Triton kernel: the same statistics, rules and
+    running-statistics update."""
+    packed, use = kernels.branch_stats(
+        *stats, mask, hw, bns, min_examples=min_examples, min_values=min_values
+    )
+    mean, rstd, scale, shift, count = packed.unbind(0)  # (2, C) each
+    return _Stats(mean, rstd, scale, shift, use, count, packed)
+
+
 def _backward_coeffs(
     st: _Stats, masks: Tensor, sum_dy: Tensor, sum_dy_x: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -280,14 +317,17 @@ class _GatedBNFunction(torch.autograd.Function):
         ws: Tensor,
         bs: Tensor,
         z: Tensor | None,
-        masks: Tensor,
+        mask: Tensor,
         capturable: bool,
-        *stats: Tensor,
+        *stats: Tensor | None,
     ) -> Tensor:
         st = _Stats(*stats)
-        ctx.save_for_backward(xf, xs, masks, *st)
+        ctx.save_for_backward(xf, xs, mask, *st)
         ctx.capturable = capturable
         ctx.triton = z is None  # the Triton kernels ran the forward: also the backward
+        if ctx.triton:  # select (Eq. 1) and normalise (Eq. 5) in one pass
+            ctx.used = (True, True)
+            return kernels.select_affine(xf, xs, mask, st.scale, st.shift)
         sel = g > 0.5
         # A branch no example uses gets a zero input gradient, passed as a broadcast zero
         # (no memory pass), so that conv's backward can skip its work (e.g. S in a layer whose
@@ -296,26 +336,28 @@ class _GatedBNFunction(torch.autograd.Function):
         # every layer, and a captured graph cannot branch on it.)
         skip = g.device.type == "cpu" and not capturable
         ctx.used = (bool(sel.any()), not bool(sel.all())) if skip else (True, True)
-        scale = torch.where(sel, st.scale[0], st.scale[1])  # (B, C)
-        shift = torch.where(sel, st.shift[0], st.shift[1])
-        if z is None:  # Triton: select (Eq. 1) and normalise (Eq. 5) in one pass
-            return kernels.select_affine(xf, xs, sel, scale, shift)
-        scale, shift = scale[:, :, None, None], shift[:, :, None, None]  # (B, C, 1, 1)
+        scale = torch.where(sel, st.scale[0], st.scale[1])[:, :, None, None]  # (B, C, 1, 1)
+        shift = torch.where(sel, st.shift[0], st.shift[1])[:, :, None, None]
         return torch.addcmul(shift.to(z.dtype), z, scale.to(z.dtype))  # Eq. 5, z = Eq. 1
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        xf, xs, masks, *stats = ctx.saved_tensors
+        xf, xs, mask, *stats = ctx.saved_tensors
         st = _Stats(*stats)
         dy = dy.contiguous()
-        if ctx.triton:  # one pass for the three per-plane sums
+        if ctx.triton:  # one pass for the per-plane sums, one kernel for the coefficients
             a, p = kernels.plane_sums(dy, xf, xs)  # (B, C), (2, B, C)
+            coeffs, dgb, dg = kernels.branch_coeffs(mask, _packed(st), st.use_batch, a, p)
+            k1, k2, k3 = coeffs  # (2, B, C) each
+            dgamma, dbeta = dgb.to(mask.dtype)  # (2, C) each
         else:
             a, p = _per_example_sums(dy, xf, xs, ctx.capturable)
-        k1, k2, k3, dgamma, dbeta = _backward_coeffs(st, masks, a, p)  # (2, B, C) each
+            masks = torch.stack([mask, 1.0 - mask])  # (2, B, C): routed to F / to S
+            k1, k2, k3, dgamma, dbeta = _backward_coeffs(st, masks, a, p)  # (2, B, C) each
+            dg = _policy_grad(st, a, p) if ctx.needs_input_grad[2] else None
         dxs: list[Tensor | None] = []
-        if ctx.triton and all(ctx.needs_input_grad[:2]) and all(ctx.used):
-            dxs += kernels.branch_grads(dy, xf, xs, masks[0] > 0.5, torch.stack([k1, k2, k3]))
+        if ctx.triton and all(ctx.needs_input_grad[:2]):
+            dxs += kernels.branch_grads(dy, xf, xs, mask, coeffs)
         else:
             k1, k2, k3 = (k[:, :, :, None, None].to(dy.dtype) for k in (k1, k2, k3))
             for i, (x, used, need) in enumerate(
@@ -329,7 +371,7 @@ class _GatedBNFunction(torch.autograd.Function):
                     dx = torch.addcmul(k3[i], dy, k1[i])
                     dxs.append(dx.addcmul_(x, k2[i]))
         # g entered in the activations' dtype (float32 statistics under autocast)
-        dg = _policy_grad(st, a, p).to(dy.dtype) if ctx.needs_input_grad[2] else None
+        dg = dg.to(dy.dtype) if dg is not None and ctx.needs_input_grad[2] else None
         return (
             dxs[0],
             dxs[1],
@@ -343,6 +385,14 @@ class _GatedBNFunction(torch.autograd.Function):
             None,
             *([None] * len(stats)),
         )
+
+
+def _packed(st: _Stats) -> Tensor:
+    """(5, 2, C) float32 [mean, rstd, scale, shift, count] for :func:`kernels.branch_coeffs`:
+    the forward kernel's own buffer, else stacked (statistics from the eager path)."""
+    if st.packed is not None:
+        return st.packed
+    return torch.stack([st.mean, st.rstd, st.scale, st.shift, st.count]).to(torch.float32)
 
 
 def _triton(xf: Tensor, xs: Tensor) -> bool:
@@ -392,19 +442,23 @@ def gated_batch_norm(
         raise ValueError(f"xf, xs must be equal (B, C, H, W) tensors, got {xf.shape}, {xs.shape}")
     g = g.to(xf.dtype)
     # Statistics in float32 under autocast (half-precision sums lose BN's accuracy).
-    mask = g.detach().to(torch.float32 if _low(xf) else xf.dtype)
-    masks = torch.stack([mask, 1.0 - mask])  # (2, B, C): routed to F / to S
+    mask = g.detach().to(torch.float32 if _low(xf) else xf.dtype)  # (B, C): 1 = routed to F
     hw = xf.shape[2] * xf.shape[3]
+    bns = (bn_f, bn_s)
     # A branch's statistics only involve its routed (example, channel) planes, which are
     # exactly the planes of the selection z: one statistics pass serves both branches.
     z: Tensor | None = None
     if _triton(xf, xs):  # CUDA: per-plane kernels read only the selected branch
-        stats = kernels.plane_stats(xf, xs, mask > 0.5) if training else None
+        stats = kernels.plane_stats(xf, xs, mask) if training else None
     else:
         with torch.no_grad():
             z = torch.where(mask[:, :, None, None] > 0.5, xf, xs)  # (B, C, H, W): Eq. 1
         stats = _per_example_stats(z, capturable) if training else None
-    st = _both_stats(stats, hw, masks, (bn_f, bn_s), min_examples, min_values, capturable)
+    if stats is not None and z is None and _fusable(bns, mask):
+        st = _kernel_stats(stats, hw, mask, bns, min_examples, min_values)
+    else:
+        masks = torch.stack([mask, 1.0 - mask])  # (2, B, C): routed to F / to S
+        st = _both_stats(stats, hw, masks, bns, min_examples, min_values, capturable)
     return _GatedBNFunction.apply(
         xf,
         xs,
@@ -412,7 +466,7 @@ def gated_batch_norm(
         *_affine(bn_f, st.mean[0]),
         *_affine(bn_s, st.mean[1]),
         z,
-        masks,
+        mask,
         capturable,
         *st,
     )
