@@ -13,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,9 @@ def _run(
 def compare(device: str) -> None:
     """Kernels on vs off: same outputs, gradients and running statistics (train and eval)."""
     assert kernels.available(torch.zeros(1, device=device)), "kernels not used"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first-use check passes, silently
+        assert kernels._smoke(torch.device(device))
     gen = torch.Generator().manual_seed(2)
     xf, xs = (torch.randn(2, 3, 5, 7, generator=gen).to(device) for _ in range(2))
     sel = (torch.rand(2, 3, generator=gen) > 0.5).to(device)
@@ -183,3 +187,31 @@ def test_kernels_off_on_cpu_without_interpreter() -> None:
     if kernels.interpreted():
         pytest.skip("TRITON_INTERPRET=1 is set in this process")
     assert not kernels.available(torch.zeros(1))
+
+
+def test_kernels_checked_once_per_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first eager call on a CUDA device runs the smoke check, once; a CUDA-graph capture
+    neither runs it nor remembers an answer."""
+    calls: list[torch.device] = []
+    monkeypatch.setattr(kernels, "_smoke", lambda d: calls.append(d) or d.index == 0)
+    monkeypatch.setattr(kernels, "_VERIFIED", {})
+    capturing = [True]
+    monkeypatch.setattr(kernels, "_capturing", lambda: capturing[0])
+    assert kernels._works_on(torch.device("cuda", 0)) and calls == []
+    capturing[0] = False
+    for _ in range(3):
+        assert kernels._works_on(torch.device("cuda", 0))
+        assert not kernels._works_on(torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+def test_failing_kernels_turn_themselves_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that cannot compile (or computes nonsense) on a device: one warning naming the
+    cause, and ``False`` -- the eager path runs instead of the step failing."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(kernels, "plane_stats", broken)
+    with pytest.warns(RuntimeWarning, match="PassManager::run failed.*eager path runs"):
+        assert not kernels._smoke(torch.device("cpu"))

@@ -28,10 +28,13 @@ enter a branch's statistics is a discrete choice and carries no gradient.
 Everything is computed from per-(example, channel) reductions and fused multiply-adds: the
 forward makes three passes over the selected output (select, statistics, normalise), the
 backward two reductions and four fused multiply-adds; masked copies fed to two ``F.batch_norm``
-calls would need several times that. On CUDA (eager), two Triton kernels
-(:mod:`adafilter.layers.kernels`) compute the statistics and the normalised selection reading
-only the selected branch per plane. ``capturable=True`` (and any ``torch.compile`` trace) uses
-only traceable operations and no host reads, with the same results.
+calls would need several times that. On CUDA (eager), Triton kernels
+(:mod:`adafilter.layers.kernels`) compute the per-plane statistics and the normalised
+selection reading only the selected branch per plane, the per-channel arithmetic of both
+branches (forward and backward) in one kernel each, and the backward's passes: six launches
+per layer and step where the eager path needs about seventy. ``capturable=True`` (and any
+``torch.compile`` trace) uses only traceable operations and no host reads, with the same
+results.
 """
 
 from __future__ import annotations
