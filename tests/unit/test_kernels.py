@@ -9,6 +9,7 @@ a CUDA machine the same comparison runs on the GPU. Tolerance: ``atol=1e-5, rtol
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -102,6 +103,8 @@ def compare(device: str) -> None:
         want_x = torch.where(routed[:, :, None, None], k1 * dy + k2 * x + k3, 0.0)
         torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-4)
     _compare_gate_step(device, gen)
+    for detach in (True, False):
+        _compare_gate_train(device, gen, detach)
     cases = [(True, "mixed", 0.1), (True, "all_f", 0.1), (True, "all_s", 0.1)]
     cases += [(True, "mixed", None), (False, "mixed", 0.1)]
     for training, routing, momentum in cases:
@@ -133,6 +136,39 @@ def _compare_gate_step(device: str, gen: torch.Generator) -> None:
                 kernels.ENABLED, cpu_gate.ENABLED = True, True
             for got, want in zip((logits_k, *state_k), (logits_e, *state_e), strict=True):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def _compare_gate_train(device: str, gen: torch.Generator, detach_input: bool) -> None:
+    """The training step's kernels (forward and backward) against the ATen step and autograd:
+    three layers (C_in and C_out over one block), the state carried, the last layer's state
+    used by the loss too; logits, states and the gradient of every gate parameter (and of
+    the input, where the gate's gradient reaches it)."""
+    torch.manual_seed(5)
+    gate = RecurrentGate([8, 300, 12], [16, 70, 40], embed_dim=6, hidden_dim=5)
+    gate.detach_input = detach_input
+    gates = {on: copy.deepcopy(gate).to(device).train() for on in (True, False)}
+    xs = [torch.randn(3, c, 5, 4, generator=gen).to(device) for c in (8, 300, 12)]
+    results = {}
+    for on, g in gates.items():
+        kernels.ENABLED = on
+        inputs = [x.clone().requires_grad_(True) for x in xs]
+        state, loss = None, 0.0
+        outs = []
+        for i, x in enumerate(inputs):
+            logits, state = g.step(i, x, state)
+            w = torch.linspace(-1, 1, logits.numel(), device=device).view_as(logits)
+            loss = loss + (logits * w).sum()
+            outs += [logits.detach(), *(s.detach() for s in state)]
+        (loss + state[0].sum() + 2 * state[1].sum()).backward()
+        grads = [p.grad for p in g.parameters() if p.grad is not None]
+        if not detach_input:
+            grads += [x.grad for x in inputs]
+        results[on] = (outs, grads, sum(p.grad is not None for p in g.parameters()))
+    kernels.ENABLED = True
+    assert results[True][2] == results[False][2]  # the same parameters received gradients
+    got, want = results[True][0] + results[True][1], results[False][0] + results[False][1]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow  # the interpreter runs each program in Python (~30 s of CPU here)

@@ -107,6 +107,10 @@ def _smoke(device: torch.device) -> bool:
             w = [torch.zeros(s, device=device) for s in ((3, 8), (8,), (2, 8), (2, 3), (3,))]
             gate_step(x, None, None, *w, None)
             gate_step(x, torch.zeros(3, 3, device=device), w[4], *w, (ones[:, :2], ones[:, :2]))
+            mods = (nn.Linear(3, 2), nn.LSTMCell(2, 2), nn.Linear(2, 3))
+            emb, cell, head = (m.to(device) for m in mods)
+            out = gate_train_forward(mean, (ones[:, :2], ones[:, :2]), emb, cell, head)
+            gate_train_backward(out[:3], out[4], out[2], ones[:, :2], *mods, need_pooled=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if not (torch.allclose(mean, z.mean((2, 3)), atol=1e-5) and torch.allclose(y, z + 1)):
@@ -240,15 +244,19 @@ if triton is not None:
         )
 
     @triton.jit
-    def _dot_rows(vec_ptr, n, mat_ptr, ld, cols, acc, BR: tl.constexpr, BC: tl.constexpr):
-        """acc (BC,) += vec[0:n] @ mat[0:n, cols] for a row-major matrix of leading size ld
-        (columns outside ``ld`` are masked off)."""
+    def _dot_rows(
+        vec_ptr, n, mat_ptr, s_r, s_c, ncols, cols, acc, BR: tl.constexpr, BC: tl.constexpr
+    ):
+        """acc (BC,) += vec[0:n] @ mat[0:n, cols] for a matrix with strides (s_r, s_c) and
+        ``ncols`` columns (columns outside it are masked off): a row-major one, or the
+        transpose of a parameter read in place."""
         rows = tl.arange(0, BR)
         for r0 in range(0, n, BR):
             ri = r0 + rows
             v = tl.load(vec_ptr + ri, mask=ri < n, other=0.0).to(tl.float32)
-            inside = (ri[:, None] < n) & (cols[None, :] < ld)
-            w = tl.load(mat_ptr + ri[:, None] * ld + cols[None, :], mask=inside, other=0.0)
+            inside = (ri[:, None] < n) & (cols[None, :] < ncols)
+            at = mat_ptr + ri[:, None] * s_r + cols[None, :] * s_c
+            w = tl.load(at, mask=inside, other=0.0)
             acc += tl.sum(w.to(tl.float32) * v[:, None], axis=0)
         return acc
 
@@ -259,6 +267,7 @@ if triton is not None:
         emb_bias_ptr,
         inp_ptr,
         bias_ptr,
+        bias2_ptr,
         hid_ptr,
         head_ptr,
         head_bias_ptr,
@@ -275,11 +284,19 @@ if triton is not None:
         HID,
         CO,
         alpha,
+        s_inp,
+        s_hid,
+        s_head,
         HAS_EMB: tl.constexpr,
         HAS_STATE: tl.constexpr,
+        RAW: tl.constexpr,
         BR: tl.constexpr,
         BC: tl.constexpr,
     ):  # pragma: no cover - compiled by Triton
+        """RAW: the training step's weights as stored (``inp`` = W_ih, ``hid`` = W_hh,
+        ``head`` = W_head, read transposed in place through the strides ``s_*`` = their row
+        lengths), two biases, the cell gate's rows not doubled; else the eval weights
+        (row-major, pre-transposed, one bias, g rows doubled)."""
         b = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BC)
         rows = tl.arange(0, BR)
@@ -305,9 +322,16 @@ if triton is not None:
         for g0 in range(0, g4, BC):
             go = g0 + cols
             acc = tl.load(bias_ptr + go, mask=go < g4, other=0.0).to(tl.float32)
-            acc = _dot_rows(v_ptr + b * K, K, inp_ptr, g4, go, acc, BR, BC)
+            if RAW:  # (4H, K) and (4H, H) as stored: element (k, gate) at gate * K + k
+                acc += tl.load(bias2_ptr + go, mask=go < g4, other=0.0).to(tl.float32)
+                acc = _dot_rows(v_ptr + b * K, K, inp_ptr, 1, s_inp, g4, go, acc, BR, BC)
+            else:
+                acc = _dot_rows(v_ptr + b * K, K, inp_ptr, g4, 1, g4, go, acc, BR, BC)
             if HAS_STATE:
-                acc = _dot_rows(h0_ptr + b * HID, HID, hid_ptr, g4, go, acc, BR, BC)
+                if RAW:
+                    acc = _dot_rows(h0_ptr + b * HID, HID, hid_ptr, 1, s_hid, g4, go, acc, BR, BC)
+                else:
+                    acc = _dot_rows(h0_ptr + b * HID, HID, hid_ptr, g4, 1, g4, go, acc, BR, BC)
             tl.store(gates_ptr + b * g4 + go, acc, mask=go < g4)
         tl.debug_barrier()
         # 3. the cell, PyTorch's gate order i, f, g, o; tanh(x) = 2 sigmoid(2x) - 1
@@ -317,7 +341,8 @@ if triton is not None:
             base = gates_ptr + b * g4 + jo
             i = tl.sigmoid(tl.load(base, mask=m, other=0.0))
             f = tl.sigmoid(tl.load(base + HID, mask=m, other=0.0))
-            g2 = tl.sigmoid(tl.load(base + 2 * HID, mask=m, other=0.0))
+            g_pre = tl.load(base + 2 * HID, mask=m, other=0.0)
+            g2 = tl.sigmoid(2.0 * g_pre if RAW else g_pre)
             o = tl.sigmoid(tl.load(base + 3 * HID, mask=m, other=0.0))
             c = i * (2.0 * g2 - 1.0)
             if HAS_STATE:
@@ -329,8 +354,94 @@ if triton is not None:
         for o0 in range(0, CO, BC):
             oo = o0 + cols
             acc = tl.load(head_bias_ptr + oo, mask=oo < CO, other=0.0).to(tl.float32)
-            acc = _dot_rows(h_ptr + b * HID, HID, head_ptr, CO, oo, acc, BR, BC)
+            if RAW:  # W_head (C_out, H) as stored
+                acc = _dot_rows(h_ptr + b * HID, HID, head_ptr, 1, s_head, CO, oo, acc, BR, BC)
+            else:
+                acc = _dot_rows(h_ptr + b * HID, HID, head_ptr, CO, 1, CO, oo, acc, BR, BC)
             tl.store(logits_ptr + b * CO + oo, acc, mask=oo < CO)
+
+    @triton.jit
+    def _gate_step_bwd_kernel(
+        dlogits_ptr,
+        dh_ptr,
+        dc_ptr,
+        gates_ptr,
+        c_ptr,
+        c0_ptr,
+        w_head_ptr,
+        w_hh_ptr,
+        w_ih_ptr,
+        w_e_ptr,
+        dhs_ptr,
+        dgates_ptr,
+        dh0_ptr,
+        dc0_ptr,
+        dv_ptr,
+        dp_ptr,
+        C,
+        E,
+        HID,
+        CO,
+        HAS_STATE: tl.constexpr,
+        NEED_DP: tl.constexpr,
+        BR: tl.constexpr,
+        BC: tl.constexpr,
+    ):  # pragma: no cover - compiled by Triton
+        """The training step's backward for one example (program): the LSTM cell's and the
+        three linear maps' input gradients; the weights' gradients are batched products."""
+        b = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BC)
+        g4 = 4 * HID
+        # 1. dL/dh (H,) = the next step's dL/dh + dlogits @ W_head (W_head (C_out, H) stored)
+        for j0 in range(0, HID, BC):
+            jo = j0 + cols
+            acc = tl.load(dh_ptr + b * HID + jo, mask=jo < HID, other=0.0).to(tl.float32)
+            acc = _dot_rows(dlogits_ptr + b * CO, CO, w_head_ptr, HID, 1, HID, jo, acc, BR, BC)
+            tl.store(dhs_ptr + b * HID + jo, acc, mask=jo < HID)
+        tl.debug_barrier()
+        # 2. the cell: c = f c0 + i g, h = o tanh(c); gradients of the pre-activations (4H,)
+        for j0 in range(0, HID, BC):
+            jo = j0 + cols
+            m = jo < HID
+            base = gates_ptr + b * g4 + jo
+            i = tl.sigmoid(tl.load(base, mask=m, other=0.0))
+            f = tl.sigmoid(tl.load(base + HID, mask=m, other=0.0))
+            g = 2.0 * tl.sigmoid(2.0 * tl.load(base + 2 * HID, mask=m, other=0.0)) - 1.0
+            o = tl.sigmoid(tl.load(base + 3 * HID, mask=m, other=0.0))
+            tc = 2.0 * tl.sigmoid(2.0 * tl.load(c_ptr + b * HID + jo, mask=m, other=0.0)) - 1.0
+            dh = tl.load(dhs_ptr + b * HID + jo, mask=m, other=0.0)
+            dc = tl.load(dc_ptr + b * HID + jo, mask=m, other=0.0).to(tl.float32)
+            dc += dh * o * (1.0 - tc * tc)
+            out = dgates_ptr + b * g4 + jo
+            tl.store(out, dc * g * i * (1.0 - i), mask=m)
+            if HAS_STATE:
+                c0 = tl.load(c0_ptr + b * HID + jo, mask=m, other=0.0).to(tl.float32)
+                tl.store(out + HID, dc * c0 * f * (1.0 - f), mask=m)
+                tl.store(dc0_ptr + b * HID + jo, dc * f, mask=m)
+            else:
+                tl.store(out + HID, tl.zeros([BC], dtype=tl.float32), mask=m)
+            tl.store(out + 2 * HID, dc * i * (1.0 - g * g), mask=m)
+            tl.store(out + 3 * HID, dh * tc * o * (1.0 - o), mask=m)
+        tl.debug_barrier()
+        # 3. dL/dh0 = dgates @ W_hh (4H, H); dL/dv = dgates @ W_ih (4H, E); dL/dpooled
+        if HAS_STATE:
+            for j0 in range(0, HID, BC):
+                jo = j0 + cols
+                acc = tl.zeros([BC], dtype=tl.float32)
+                acc = _dot_rows(dgates_ptr + b * g4, g4, w_hh_ptr, HID, 1, HID, jo, acc, BR, BC)
+                tl.store(dh0_ptr + b * HID + jo, acc, mask=jo < HID)
+        for e0 in range(0, E, BC):
+            eo = e0 + cols
+            acc = tl.zeros([BC], dtype=tl.float32)
+            acc = _dot_rows(dgates_ptr + b * g4, g4, w_ih_ptr, E, 1, E, eo, acc, BR, BC)
+            tl.store(dv_ptr + b * E + eo, acc, mask=eo < E)
+        if NEED_DP:  # the gate's gradient into the pooled input (W_e (E, C) stored)
+            tl.debug_barrier()
+            for k0 in range(0, C, BC):
+                ko = k0 + cols
+                acc = tl.zeros([BC], dtype=tl.float32)
+                acc = _dot_rows(dv_ptr + b * E, E, w_e_ptr, C, 1, C, ko, acc, BR, BC)
+                tl.store(dp_ptr + b * C + ko, acc, mask=ko < C)
 
     @triton.jit
     def _routed(sel_ptr, off, inb):  # pragma: no cover - compiled by Triton
@@ -677,6 +788,7 @@ def gate_step(
         emb_bias.contiguous() if has_emb else dummy,
         inp.contiguous(),
         bias.contiguous(),
+        dummy,
         hid.contiguous(),
         head.contiguous(),
         head_bias.contiguous(),
@@ -693,8 +805,12 @@ def gate_step(
         hidden,
         c_out,
         1.0 / (x.shape[2] * x.shape[3]),
+        0,
+        0,
+        0,
         HAS_EMB=has_emb,
         HAS_STATE=has_state,
+        RAW=False,
         BR=32,
         BC=64,
     )
@@ -818,3 +934,130 @@ def branch_coeffs(
         BCH=32,
     )
     return k, dgb, dg
+
+
+def gate_train_forward(
+    pooled: Tensor,
+    state: tuple[Tensor, Tensor] | None,
+    emb: nn.Linear,
+    cell: nn.LSTMCell,
+    head: nn.Linear,
+) -> tuple[Tensor, ...]:
+    """The recurrent gate's training step forward, one program per example, on the weights as
+    stored (no transposed or pre-scaled copies to launch).
+
+    Args:
+        pooled: (B, C_in) mean-pooled layer input.
+        state: ``(h0, c0)``, (B, H) each, or ``None`` (zeros).
+        emb, cell, head: The layer's embedding, the shared LSTM cell, the layer's head.
+
+    Returns:
+        ``(logits, h, c, v, gates)`` in float32: (B, C_out), the new state, and what the
+        backward reads: the embedding (B, E) and the pre-activations (B, 4H).
+    """
+    b, c_in = pooled.shape
+    e_dim, hidden, c_out = emb.out_features, cell.hidden_size, head.out_features
+    if emb.in_features != c_in or cell.input_size != e_dim or head.in_features != hidden:
+        raise ValueError("gate weights do not fit together or the input's channels")
+    f32 = {"device": pooled.device, "dtype": torch.float32}
+    v, gates = torch.empty(b, e_dim, **f32), torch.empty(b, 4 * hidden, **f32)
+    logits = torch.empty(b, c_out, **f32)
+    h, cell_out = torch.empty(b, hidden, **f32), torch.empty(b, hidden, **f32)
+    pooled = pooled.contiguous()
+    has_state = state is not None
+    _gate_step_kernel[(b,)](
+        pooled,
+        emb.weight.contiguous(),
+        emb.bias,
+        cell.weight_ih.contiguous(),
+        cell.bias_ih,
+        cell.bias_hh,
+        cell.weight_hh.contiguous(),
+        head.weight.contiguous(),
+        head.bias,
+        state[0].contiguous() if has_state else pooled,
+        state[1].contiguous() if has_state else pooled,
+        v,
+        gates,
+        logits,
+        h,
+        cell_out,
+        c_in,
+        e_dim,
+        e_dim,
+        hidden,
+        c_out,
+        1.0,
+        e_dim,
+        hidden,
+        hidden,
+        HAS_EMB=True,
+        HAS_STATE=has_state,
+        RAW=True,
+        BR=32,
+        BC=64,
+    )
+    return logits, h, cell_out, v, gates
+
+
+def gate_train_backward(
+    grads: tuple[Tensor, Tensor, Tensor],
+    gates: Tensor,
+    c: Tensor,
+    c0: Tensor | None,
+    emb: nn.Linear,
+    cell: nn.LSTMCell,
+    head: nn.Linear,
+    *,
+    need_pooled: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor | None]:
+    """The input-side gradients of :func:`gate_train_forward`, one program per example.
+
+    Args:
+        grads: ``dL/dlogits`` (B, C_out), ``dL/dh`` and ``dL/dc`` (B, H) of the step's outputs.
+        gates: (B, 4H) pre-activations the forward saved; ``c`` (B, H) its new cell state;
+            ``c0`` the state it started from (``None``: zeros).
+        need_pooled: Also return ``dL/dpooled``.
+
+    Returns:
+        ``(dgates, dh0, dc0, dv, dpooled)``: (B, 4H) gradients of the pre-activations (the
+        LSTM's weight and bias gradients are products of them), of the previous state
+        (``None`` without one), of the embedding (B, E) and of the pooled input (or ``None``).
+    """
+    dlogits, dh, dc = (t.contiguous() for t in grads)
+    b, hidden = dh.shape
+    e_dim, c_in, c_out = emb.out_features, emb.in_features, head.out_features
+    f32 = {"device": dh.device, "dtype": torch.float32}
+    dhs, dgates = torch.empty(b, hidden, **f32), torch.empty(b, 4 * hidden, **f32)
+    has_state = c0 is not None
+    dh0 = torch.empty(b, hidden, **f32) if has_state else None
+    dc0 = torch.empty(b, hidden, **f32) if has_state else None
+    dv = torch.empty(b, e_dim, **f32)
+    dp = torch.empty(b, c_in, **f32) if need_pooled else None
+    _gate_step_bwd_kernel[(b,)](
+        dlogits,
+        dh,
+        dc,
+        gates,
+        c,
+        c0.contiguous() if has_state else c,
+        head.weight.contiguous(),
+        cell.weight_hh.contiguous(),
+        cell.weight_ih.contiguous(),
+        emb.weight.contiguous(),
+        dhs,
+        dgates,
+        dh0 if has_state else dhs,
+        dc0 if has_state else dhs,
+        dv,
+        dp if need_pooled else dv,
+        c_in,
+        e_dim,
+        hidden,
+        c_out,
+        HAS_STATE=has_state,
+        NEED_DP=need_pooled,
+        BR=32,
+        BC=64,
+    )
+    return dgates, dh0, dc0, dv, dp
