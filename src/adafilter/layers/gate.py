@@ -156,7 +156,7 @@ class RecurrentGate(nn.Module):
         pooled = x.mean((2, 3))  # (B, C_in)
         if self.detach_input:
             pooled = pooled.detach()
-        if kernels.available(x) and not (self.capturable or is_compiling()):
+        if kernels.available(x) and not is_compiling():  # CUDA (graph capture included)
             emb, head = self.embed[index], self.heads[index]
             h0, c0 = state if state is not None else (None, None)
             params = (*emb.parameters(), *self.cell.parameters(), *head.parameters())
