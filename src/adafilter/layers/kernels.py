@@ -261,6 +261,17 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _cell_gates(base, HID, m, DOUBLED: tl.constexpr):  # pragma: no cover - compiled by Triton
+        """The LSTM's i, f, tanh(g), o (PyTorch's gate order) from one example's (4H,)
+        pre-activations at ``base``; DOUBLED: g's rows were pre-doubled (eval weights)."""
+        i = tl.sigmoid(tl.load(base, mask=m, other=0.0))
+        f = tl.sigmoid(tl.load(base + HID, mask=m, other=0.0))
+        g_pre = tl.load(base + 2 * HID, mask=m, other=0.0)
+        g = 2.0 * tl.sigmoid(g_pre if DOUBLED else 2.0 * g_pre) - 1.0  # tanh = 2 sigmoid(2x) - 1
+        o = tl.sigmoid(tl.load(base + 3 * HID, mask=m, other=0.0))
+        return i, f, g, o
+
+    @triton.jit
     def _gate_step_kernel(
         pooled_ptr,
         emb_ptr,
@@ -284,19 +295,22 @@ if triton is not None:
         HID,
         CO,
         alpha,
-        s_inp,
-        s_hid,
-        s_head,
+        inp_s0,
+        inp_s1,
+        hid_s0,
+        hid_s1,
+        head_s0,
+        head_s1,
         HAS_EMB: tl.constexpr,
         HAS_STATE: tl.constexpr,
         RAW: tl.constexpr,
         BR: tl.constexpr,
         BC: tl.constexpr,
     ):  # pragma: no cover - compiled by Triton
-        """RAW: the training step's weights as stored (``inp`` = W_ih, ``hid`` = W_hh,
-        ``head`` = W_head, read transposed in place through the strides ``s_*`` = their row
-        lengths), two biases, the cell gate's rows not doubled; else the eval weights
-        (row-major, pre-transposed, one bias, g rows doubled)."""
+        """``inp`` (K, 4H), ``hid`` (H, 4H), ``head`` (H, C_out) are read through their strides
+        (``*_s0``, ``*_s1``): the eval weights are row-major copies, the training step's the
+        parameters read transposed in place. RAW: the training step's two LSTM biases and cell
+        gate rows as stored; else one summed bias and g rows doubled (eval)."""
         b = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BC)
         rows = tl.arange(0, BR)
@@ -322,29 +336,20 @@ if triton is not None:
         for g0 in range(0, g4, BC):
             go = g0 + cols
             acc = tl.load(bias_ptr + go, mask=go < g4, other=0.0).to(tl.float32)
-            if RAW:  # (4H, K) and (4H, H) as stored: element (k, gate) at gate * K + k
+            if RAW:
                 acc += tl.load(bias2_ptr + go, mask=go < g4, other=0.0).to(tl.float32)
-                acc = _dot_rows(v_ptr + b * K, K, inp_ptr, 1, s_inp, g4, go, acc, BR, BC)
-            else:
-                acc = _dot_rows(v_ptr + b * K, K, inp_ptr, g4, 1, g4, go, acc, BR, BC)
+            acc = _dot_rows(v_ptr + b * K, K, inp_ptr, inp_s0, inp_s1, g4, go, acc, BR, BC)
             if HAS_STATE:
-                if RAW:
-                    acc = _dot_rows(h0_ptr + b * HID, HID, hid_ptr, 1, s_hid, g4, go, acc, BR, BC)
-                else:
-                    acc = _dot_rows(h0_ptr + b * HID, HID, hid_ptr, g4, 1, g4, go, acc, BR, BC)
+                h0 = h0_ptr + b * HID
+                acc = _dot_rows(h0, HID, hid_ptr, hid_s0, hid_s1, g4, go, acc, BR, BC)
             tl.store(gates_ptr + b * g4 + go, acc, mask=go < g4)
         tl.debug_barrier()
         # 3. the cell, PyTorch's gate order i, f, g, o; tanh(x) = 2 sigmoid(2x) - 1
         for j0 in range(0, HID, BC):
             jo = j0 + cols
             m = jo < HID
-            base = gates_ptr + b * g4 + jo
-            i = tl.sigmoid(tl.load(base, mask=m, other=0.0))
-            f = tl.sigmoid(tl.load(base + HID, mask=m, other=0.0))
-            g_pre = tl.load(base + 2 * HID, mask=m, other=0.0)
-            g2 = tl.sigmoid(2.0 * g_pre if RAW else g_pre)
-            o = tl.sigmoid(tl.load(base + 3 * HID, mask=m, other=0.0))
-            c = i * (2.0 * g2 - 1.0)
+            i, f, g, o = _cell_gates(gates_ptr + b * g4 + jo, HID, m, not RAW)
+            c = i * g
             if HAS_STATE:
                 c += f * tl.load(c0_ptr + b * HID + jo, mask=m, other=0.0).to(tl.float32)
             tl.store(c_ptr + b * HID + jo, c, mask=m)
@@ -354,10 +359,8 @@ if triton is not None:
         for o0 in range(0, CO, BC):
             oo = o0 + cols
             acc = tl.load(head_bias_ptr + oo, mask=oo < CO, other=0.0).to(tl.float32)
-            if RAW:  # W_head (C_out, H) as stored
-                acc = _dot_rows(h_ptr + b * HID, HID, head_ptr, 1, s_head, CO, oo, acc, BR, BC)
-            else:
-                acc = _dot_rows(h_ptr + b * HID, HID, head_ptr, CO, 1, CO, oo, acc, BR, BC)
+            h = h_ptr + b * HID
+            acc = _dot_rows(h, HID, head_ptr, head_s0, head_s1, CO, oo, acc, BR, BC)
             tl.store(logits_ptr + b * CO + oo, acc, mask=oo < CO)
 
     @triton.jit
@@ -403,11 +406,7 @@ if triton is not None:
         for j0 in range(0, HID, BC):
             jo = j0 + cols
             m = jo < HID
-            base = gates_ptr + b * g4 + jo
-            i = tl.sigmoid(tl.load(base, mask=m, other=0.0))
-            f = tl.sigmoid(tl.load(base + HID, mask=m, other=0.0))
-            g = 2.0 * tl.sigmoid(2.0 * tl.load(base + 2 * HID, mask=m, other=0.0)) - 1.0
-            o = tl.sigmoid(tl.load(base + 3 * HID, mask=m, other=0.0))
+            i, f, g, o = _cell_gates(gates_ptr + b * g4 + jo, HID, m, False)
             tc = 2.0 * tl.sigmoid(2.0 * tl.load(c_ptr + b * HID + jo, mask=m, other=0.0)) - 1.0
             dh = tl.load(dhs_ptr + b * HID + jo, mask=m, other=0.0)
             dc = tl.load(dc_ptr + b * HID + jo, mask=m, other=0.0).to(tl.float32)
@@ -444,11 +443,15 @@ if triton is not None:
                 tl.store(dp_ptr + b * C + ko, acc, mask=ko < C)
 
     @triton.jit
-    def _routed(sel_ptr, off, inb):  # pragma: no cover - compiled by Triton
-        """1./0. blocks of the planes routed to F and to S (both 0 outside the batch)."""
+    def _batch_block(sel_ptr, b0, rows, cs, cm, B, C):  # pragma: no cover - compiled by Triton
+        """Rows ``b0 + rows`` of a (B, C) tensor at channels ``cs``: their offsets, the
+        in-batch mask and 1./0. blocks of the planes routed to F and to S (0 outside)."""
+        bi = b0 + rows
+        inb = (bi[:, None] < B) & cm[None, :]
+        off = bi[:, None] * C + cs[None, :]
         taken = tl.load(sel_ptr + off, mask=inb, other=0).to(tl.float32) > 0.5
         t_f = tl.where(taken, 1.0, 0.0)  # masked-off entries loaded as 0
-        return t_f, tl.where(inb, 1.0, 0.0) - t_f
+        return off, inb, t_f, tl.where(inb, 1.0, 0.0) - t_f
 
     @triton.jit
     def _branch_stats_kernel(
@@ -487,10 +490,7 @@ if triton is not None:
         zero = tl.zeros([BCH], dtype=tl.float32)
         k_f, k_s, s_f, s_s = zero, zero, zero, zero
         for b0 in range(0, B, BB):  # examples and summed plane means routed to each branch
-            bi = b0 + rows
-            inb = (bi[:, None] < B) & cm[None, :]
-            off = bi[:, None] * C + cs[None, :]
-            t_f, t_s = _routed(sel_ptr, off, inb)
+            off, inb, t_f, t_s = _batch_block(sel_ptr, b0, rows, cs, cm, B, C)
             m = tl.load(mean_ptr + off, mask=inb, other=0.0)
             k_f += tl.sum(t_f, axis=0)
             k_s += tl.sum(t_s, axis=0)
@@ -500,10 +500,7 @@ if triton is not None:
         mean_s = s_s / tl.maximum(k_s, 1.0)
         q_f, q_s = zero, zero
         for b0 in range(0, B, BB):  # Chan et al.: sum_b [M2_b + hw (mean_b - mean)^2]
-            bi = b0 + rows
-            inb = (bi[:, None] < B) & cm[None, :]
-            off = bi[:, None] * C + cs[None, :]
-            t_f, t_s = _routed(sel_ptr, off, inb)
+            off, inb, t_f, t_s = _batch_block(sel_ptr, b0, rows, cs, cm, B, C)
             m = tl.load(mean_ptr + off, mask=inb, other=0.0)
             v = tl.load(var_ptr + off, mask=inb, other=0.0)
             d_f = m - mean_f[None, :]
@@ -581,10 +578,7 @@ if triton is not None:
         zero = tl.zeros([BCH], dtype=tl.float32)
         db_f, db_s, dw_f, dw_s = zero, zero, zero, zero
         for b0 in range(0, B, BB):  # dbeta = sum dy, dgamma / rstd = sum dy * (x - mean)
-            bi = b0 + rows
-            inb = (bi[:, None] < B) & cm[None, :]
-            off = bi[:, None] * C + cs[None, :]
-            t_f, t_s = _routed(sel_ptr, off, inb)
+            off, inb, t_f, t_s = _batch_block(sel_ptr, b0, rows, cs, cm, B, C)
             a = tl.load(a_ptr + off, mask=inb, other=0.0)
             db_f += tl.sum(t_f * a, axis=0)
             db_s += tl.sum(t_s * a, axis=0)
@@ -614,10 +608,7 @@ if triton is not None:
         tl.store(dgb_ptr + 2 * C + cs, db_f, mask=cm)
         tl.store(dgb_ptr + 3 * C + cs, db_s, mask=cm)
         for b0 in range(0, B, BB):  # per plane: coefficients of its branch, policy gradient
-            bi = b0 + rows
-            inb = (bi[:, None] < B) & cm[None, :]
-            off = bi[:, None] * C + cs[None, :]
-            t_f, t_s = _routed(sel_ptr, off, inb)
+            off, inb, t_f, t_s = _batch_block(sel_ptr, b0, rows, cs, cm, B, C)
             a = tl.load(a_ptr + off, mask=inb, other=0.0)
             p_f = tl.load(p_ptr + off, mask=inb, other=0.0)
             p_s = tl.load(p_ptr + bc + off, mask=inb, other=0.0)
@@ -782,15 +773,16 @@ def gate_step(
     dummy = pooled  # never read when the flag that would use it is off
     if has_emb and emb_bias is None:
         emb_bias = torch.zeros(k, **f32)
+    inp, hid, head = inp.contiguous(), hid.contiguous(), head.contiguous()
     _gate_step_kernel[(b,)](
         pooled,
         emb.t().contiguous() if has_emb else dummy,  # (E, C): rows along the pooled vector
         emb_bias.contiguous() if has_emb else dummy,
-        inp.contiguous(),
+        inp,
         bias.contiguous(),
         dummy,
-        hid.contiguous(),
-        head.contiguous(),
+        hid,
+        head,
         head_bias.contiguous(),
         state[0].contiguous() if has_state else dummy,
         state[1].contiguous() if has_state else dummy,
@@ -805,9 +797,9 @@ def gate_step(
         hidden,
         c_out,
         1.0 / (x.shape[2] * x.shape[3]),
-        0,
-        0,
-        0,
+        *inp.stride(),
+        *hid.stride(),
+        *head.stride(),
         HAS_EMB=has_emb,
         HAS_STATE=has_state,
         RAW=False,
@@ -965,15 +957,17 @@ def gate_train_forward(
     h, cell_out = torch.empty(b, hidden, **f32), torch.empty(b, hidden, **f32)
     pooled = pooled.contiguous()
     has_state = state is not None
+    # read transposed in place: (E, 4H), (H, 4H), (H, C_out) views of the stored parameters
+    w_ih, w_hh, w_head = (w.contiguous().t() for w in (cell.weight_ih, cell.weight_hh, head.weight))
     _gate_step_kernel[(b,)](
         pooled,
         emb.weight.contiguous(),
         emb.bias,
-        cell.weight_ih.contiguous(),
+        w_ih,
         cell.bias_ih,
         cell.bias_hh,
-        cell.weight_hh.contiguous(),
-        head.weight.contiguous(),
+        w_hh,
+        w_head,
         head.bias,
         state[0].contiguous() if has_state else pooled,
         state[1].contiguous() if has_state else pooled,
@@ -988,9 +982,9 @@ def gate_train_forward(
         hidden,
         c_out,
         1.0,
-        e_dim,
-        hidden,
-        hidden,
+        *w_ih.stride(),
+        *w_hh.stride(),
+        *w_head.stride(),
         HAS_EMB=True,
         HAS_STATE=has_state,
         RAW=True,
