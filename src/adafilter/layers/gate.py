@@ -148,6 +148,9 @@ class RecurrentGate(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Advance the LSTM on layer ``index``'s input ``x`` (B, C_in, H, W).
 
+        On CUDA (eager or graph capture, not ``torch.compile``) the step and its backward run
+        as Triton kernels (:class:`_KernelStep`); elsewhere as ATen's linear maps and LSTM cell.
+
         Returns:
             Policy logits (B, C_out) and the new LSTM state; ``state=None`` starts from zeros.
         """
