@@ -59,7 +59,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _FREE = frozenset(
     "view _unsafe_view reshape _reshape_alias expand t transpose select slice unsqueeze "
     "squeeze as_strided detach alias permute split split_with_sizes unsafe_split chunk unbind "
-    "empty empty_like empty_strided new_empty lift_fresh set_ _to_copy_noop".split()
+    "empty empty_like empty_strided new_empty lift_fresh set_".split()
 )
 
 
