@@ -31,8 +31,9 @@ backward two reductions and four fused multiply-adds; masked copies fed to two `
 calls would need several times that. On CUDA (eager), Triton kernels
 (:mod:`adafilter.layers.kernels`) compute the per-plane statistics and the normalised
 selection reading only the selected branch per plane, the per-channel arithmetic of both
-branches (forward and backward) in one kernel each, and the backward's passes: six launches
-per layer and step where the eager path needs about seventy. ``capturable=True`` (and any
+branches (forward and backward) in one kernel each, and the backward's passes: seven launches
+per layer and step (six kernels and the policy's min/max) where the eager arithmetic needed
+about eighty (``benchmarks/launch_count.py``). ``capturable=True`` (and any
 ``torch.compile`` trace) uses only traceable operations and no host reads, with the same
 results.
 """
