@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import copy
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import adafilter
 import adafilter.tuner.policies as policies_module
@@ -90,6 +93,30 @@ def test_policy_cost_pushes_every_logit_towards_s() -> None:
     for head in model.gate.heads:  # d cost / d bias > 0 for every filter: descent lowers it
         assert bool((head.bias.grad > 0).all())
     assert float(_wrapped().policy_loss()) == 0.0  # default: no cost
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_usage_sum_only_built_when_it_costs() -> None:
+    """The policies' usage sum (a sum and an add per gated layer: launches a GPU step is bound
+    by) is built only where ``policy_cost`` reads it."""
+    counts = {}
+    for cost in (0.0, 1.0):
+        model = _wrapped(policy_cost=cost, gate_bias_init=3.0).train()
+        with _CountOps() as counter:
+            model(make_task(4, seed=0).x)
+        counts[cost] = counter.ops
+    layers = len(model.gated_layers())
+    assert counts[1.0]["sum"] - counts[0.0]["sum"] == layers
+    assert counts[1.0]["add"] - counts[0.0]["add"] == layers - 1
 
 
 def test_gate_noise_only_in_training() -> None:

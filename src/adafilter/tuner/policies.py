@@ -30,7 +30,9 @@ class ForwardPolicies:
         self.state: tuple[Tensor, Tensor] | None = None
         self.decisions: dict[int, Tensor] = {}
         self.logits: dict[int, Tensor] | None = {} if keep_logits else None
-        self.f_sum: Tensor | None = None  # sum of the learned decisions, with gradient
+        # sum of the learned decisions, with gradient, where the usage cost needs it (two
+        # launches per layer otherwise wasted: a GPU step is bound by launches)
+        self.f_sum: Tensor | None = None
         self.f_count = 0
         self.cnn_logits: list[Tensor] | None = None
         if owner.policy_mode == "learned" and isinstance(owner.gate, CNNGate):
@@ -72,7 +74,7 @@ class ForwardPolicies:
                 logits = logits + owner.config.gate_noise * (u.log() - (-u).log1p())  # logistic
             if torch.is_grad_enabled() or owner.training:
                 g = binarize(logits, owner.config.ste)
-                if g.requires_grad:
+                if g.requires_grad and owner.config.policy_cost > 0:  # only the cost reads it
                     self.f_sum = g.sum() if self.f_sum is None else self.f_sum + g.sum()
                     self.f_count += g.numel()
             else:
