@@ -43,6 +43,8 @@ for m in r["memory"]:
 e = r["eval_batch1"]
 print(f"eval b1: fast {e['fast_vs_plain']:.2f}x dual {e['dual_vs_plain']:.2f}x")
 for e in r["eval_batch32"]:
-    print(f"eval b32 {e['policy']}: fast {e['fast_vs_plain']:.2f}x dual {e['dual_vs_plain']:.2f}x")
+    sub = e.get("subsets_vs_plain", float("nan"))
+    print(f"eval b32 {e['policy']}: fast {e['fast_vs_plain']:.2f}x dual {e['dual_vs_plain']:.2f}x "
+          f"subsets {sub:.2f}x")
 PY
 exit $status

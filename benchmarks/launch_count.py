@@ -59,7 +59,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _FREE = frozenset(
     "view _unsafe_view reshape _reshape_alias expand t transpose select slice unsqueeze "
     "squeeze as_strided detach alias permute split split_with_sizes unsafe_split chunk unbind "
-    "empty empty_like empty_strided new_empty lift_fresh set_".split()
+    "empty empty_like empty_strided new_empty new_empty_strided lift_fresh set_".split()
 )
 
 
@@ -103,16 +103,40 @@ def _count_triton_launches() -> None:
     cls.run = counted
 
 
+class _SavedBytes:
+    """Bytes autograd keeps for the backward (``save_for_backward`` and the ATen operations'
+    saved tensors), each storage once; parameters, buffers and the input not counted (they
+    are resident anyway): the activation memory a training step adds at its peak."""
+
+    def __init__(self, resident: list[torch.Tensor]) -> None:
+        self.resident = {t.untyped_storage().data_ptr() for t in resident}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.resident:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
 def _step_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """Launches of one training forward + backward (after one uncounted warm-up step)."""
+    """Launches of one training forward + backward (after one uncounted warm-up step), and
+    the bytes saved for its backward."""
     model.train()
     for counted in (False, True):
         model.zero_grad(set_to_none=True)
         counter = _Counter()
+        saved = _SavedBytes([*model.parameters(), *model.buffers(), x])
         _ACTIVE.append(counter)
         try:
+            with counter, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                loss = nn.functional.cross_entropy(model(x), y)
             with counter:
-                nn.functional.cross_entropy(model(x), y).backward()
+                loss.backward()
         finally:
             _ACTIVE.pop()
         if counted:
@@ -121,6 +145,7 @@ def _step_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str
                 "launches": sum(aten.values()) + counter.triton,
                 "triton": counter.triton,
                 "host_syncs": counter.ops.get("_local_scalar_dense", 0),
+                "saved_bytes": saved.total,
                 "ops": dict(collections.Counter(aten).most_common()),
             }
     raise AssertionError("unreachable")
@@ -161,6 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=16)
     ap.add_argument("--out", type=Path, default=RESULTS / "launch-count.json")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
@@ -169,7 +195,7 @@ def main() -> None:
         raise SystemExit("error: TRITON_INTERPRET=0 is set; the CPU emulation needs it at 1")
     _count_triton_launches()
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 3, 16, 16, generator=gen).to(device)
+    x = torch.randn(args.batch, 3, args.resolution, args.resolution, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
     rows = []
     for policy in ("init", "mixed", "random"):
@@ -182,8 +208,9 @@ def main() -> None:
             {
                 "policy": policy,
                 "gated_layers": layers,
-                "plain": {k: p[k] for k in ("launches", "host_syncs")},
-                "adafilter": {k: a[k] for k in ("launches", "triton", "host_syncs")},
+                "plain": {k: p[k] for k in ("launches", "host_syncs", "saved_bytes")},
+                "adafilter": {k: a[k] for k in ("launches", "triton", "host_syncs", "saved_bytes")},
+                "saved_bytes_ratio": round(a["saved_bytes"] / p["saved_bytes"], 3),
                 "extra_launches_per_gated_layer": round(
                     (a["launches"] - p["launches"]) / layers, 1
                 ),
@@ -197,7 +224,7 @@ def main() -> None:
         "device": args.device
         + (" (GPU path emulated: Triton interpreter, capturable)" if device.type == "cpu" else ""),
         "torch": torch.__version__,
-        "model": "cifar_resnet20 @16",
+        "model": f"cifar_resnet20 @{args.resolution}",
         "batch": args.batch,
         "rows": rows,
     }

@@ -175,9 +175,12 @@ def test_cuda_wrapped_equals_original_and_fast_equals_dual(gated_bn: bool) -> No
                 xb = x[:batch] + 0.1 * torch.randn_like(x[:batch])
                 model.set_policy_mode(mode, seed=7)
                 dual = model(xb).detach()
-                model.set_policy_mode(mode, seed=7)
-                with torch.no_grad():
-                    fast = model(xb)
-                assert _rel(fast, dual.double().cpu()) < 1e-4, (mode, batch)
+                for subsets in (False, True):  # the opt-in host-read filter subsets too
+                    for layer in model.gated_layers().values():
+                        layer.device_subsets = subsets
+                    model.set_policy_mode(mode, seed=7)
+                    with torch.no_grad():
+                        fast = model(xb)
+                    assert _rel(fast, dual.double().cpu()) < 1e-4, (mode, batch, subsets)
     finally:
         torch.backends.cudnn.allow_tf32 = True

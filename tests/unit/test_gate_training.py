@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adafilter
+import adafilter.layers.gate as gate_module
 import adafilter.tuner.policies as policies_module
 from adafilter.engine import build_scheduler
 from adafilter.training.config import TrainConfig
@@ -119,6 +120,51 @@ def test_usage_sum_only_built_when_it_costs() -> None:
     assert counts[1.0]["add"] - counts[0.0]["add"] == layers - 1
 
 
+@pytest.mark.parametrize(
+    ("cfg", "training", "binary"),
+    [
+        ({}, True, True),  # the default: the step returns the thresholded policy
+        ({"gate_noise": 1.0}, True, False),  # the noise is added to the logits
+        ({"ste": "sigmoid"}, True, False),  # the sigmoid's derivative needs the logits
+        ({}, False, False),  # eval: bool decisions from the logits
+    ],
+)
+def test_gate_steps_share_one_packed_lstm_and_threshold_where_they_can(
+    monkeypatch: pytest.MonkeyPatch, cfg: dict[str, Any], training: bool, binary: bool
+) -> None:
+    """Where the kernels' training step runs (emulated here), a forward packs the shared LSTM
+    once and passes it to every layer's step; the step thresholds (one launch fewer per layer)
+    only where nothing reads the logits. Same policies either way."""
+    model = _wrapped(gate_bias_init=0.0, **cfg).train(training)
+    gate = type(model.gate)
+    packs: list[torch.Tensor] = []
+    calls: list[tuple[Any, bool]] = []
+    step = gate.step
+
+    def packed_cell(self: Any, x: torch.Tensor) -> torch.Tensor | None:
+        packs.append(torch.zeros(1))
+        return packs[-1]
+
+    def spy(self: Any, index: int, x: torch.Tensor, state: Any, **kw: Any) -> Any:
+        calls.append((kw["packed"], kw["binary"]))
+        return step(self, index, x, state, packed=None, binary=kw["binary"])  # the ATen step
+
+    x = make_task(6, seed=0).x
+    torch.manual_seed(1)  # the same noise draws
+    with torch.no_grad():
+        model(x)
+    want = {k: v.clone() for k, v in model.policies.items()}
+    monkeypatch.setattr(gate, "packed_cell", packed_cell)
+    monkeypatch.setattr(gate, "step", spy)
+    torch.manual_seed(1)
+    with torch.set_grad_enabled(training):
+        model(x)
+    assert len(packs) == 1 and len(calls) == len(model.gated_layers())
+    assert all(p is packs[0] and b is binary for p, b in calls)
+    for k, v in model.policies.items():
+        assert torch.equal(v.bool(), want[k].bool())
+
+
 def test_gate_noise_only_in_training() -> None:
     model = _wrapped(gate_bias_init=0.0, gate_noise=5.0)
     x = make_task(16, seed=0).x
@@ -207,6 +253,7 @@ def test_known_policy_is_recovered_at_default_settings(
     """
     if cut == "no-gradient":
         monkeypatch.setattr(policies_module, "binarize", _no_gradient_binarize)
+        monkeypatch.setattr(gate_module, "binarize", _no_gradient_binarize)  # the step's own
     runs = [_known_policy_run(steps=600, cut=cut, seed=seed) for seed in range(3)]
     agreement = sum(r["agreement"] for r in runs) / 3
     split = sum(r.get("f_shifted", 0.0) - r.get("f_source", 0.0) for r in runs) / 3

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from adafilter import AdaFilterConfig, wrap
 from adafilter.layers import cpu_gate, kernels
 from adafilter.layers.gate import RecurrentGate
 from adafilter.layers.gated_bn import gated_batch_norm
@@ -103,8 +104,9 @@ def compare(device: str) -> None:
         want_x = torch.where(routed[:, :, None, None], k1 * dy + k2 * x + k3, 0.0)
         torch.testing.assert_close(got_x, want_x, atol=1e-5, rtol=1e-4)
     _compare_gate_step(device, gen)
-    for detach in (True, False):
-        _compare_gate_train(device, gen, detach)
+    for detach, shared, binary in ((True, False, False), (False, True, True), (True, True, False)):
+        _compare_gate_train(device, gen, detach, shared, binary)
+    _compare_model_step(device)
     cases = [(True, "mixed", 0.1), (True, "all_f", 0.1), (True, "all_s", 0.1)]
     cases += [(True, "mixed", None), (False, "mixed", 0.1)]
     for training, routing, momentum in cases:
@@ -138,11 +140,15 @@ def _compare_gate_step(device: str, gen: torch.Generator) -> None:
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def _compare_gate_train(device: str, gen: torch.Generator, detach_input: bool) -> None:
+def _compare_gate_train(
+    device: str, gen: torch.Generator, detach_input: bool, shared: bool, binary: bool
+) -> None:
     """The training step's kernels (forward and backward) against the ATen step and autograd:
     three layers (C_in and C_out over one block), the state carried, the last layer's state
-    used by the loss too; logits, states and the gradient of every gate parameter (and of
-    the input, where the gate's gradient reaches it)."""
+    used by the loss too; outputs, states and the gradient of every gate parameter (and of
+    the input, where the gate's gradient reaches it). ``shared``: one packed LSTM for the
+    three steps (as a forward passes it), else packed per step; ``binary``: the step returns
+    the thresholded policy (identity straight-through)."""
     torch.manual_seed(5)
     gate = RecurrentGate([8, 300, 12], [16, 70, 40], embed_dim=6, hidden_dim=5)
     gate.detach_input = detach_input
@@ -152,13 +158,15 @@ def _compare_gate_train(device: str, gen: torch.Generator, detach_input: bool) -
     for on, g in gates.items():
         kernels.ENABLED = on
         inputs = [x.clone().requires_grad_(True) for x in xs]
+        packed = g.packed_cell(inputs[0]) if shared else None
+        assert (packed is not None) == (shared and on)
         state, loss = None, 0.0
         outs = []
         for i, x in enumerate(inputs):
-            logits, state = g.step(i, x, state)
-            w = torch.linspace(-1, 1, logits.numel(), device=device).view_as(logits)
-            loss = loss + (logits * w).sum()
-            outs += [logits.detach(), *(s.detach() for s in state)]
+            out, state = g.step(i, x, state, packed=packed, binary=binary)
+            w = torch.linspace(-1, 1, out.numel(), device=device).view_as(out)
+            loss = loss + (out * w).sum()
+            outs += [out.detach(), *(s.detach() for s in state)]
         (loss + state[0].sum() + 2 * state[1].sum()).backward()
         grads = [p.grad for p in g.parameters() if p.grad is not None]
         if not detach_input:
@@ -168,6 +176,36 @@ def _compare_gate_train(device: str, gen: torch.Generator, detach_input: bool) -
     assert results[True][2] == results[False][2]  # the same parameters received gradients
     got, want = results[True][0] + results[True][1], results[False][0] + results[False][1]
     for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if binary:
+        assert set(results[True][0][0].unique().tolist()) <= {0.0, 1.0}
+
+
+def _compare_model_step(device: str) -> None:
+    """A wrapped network's training step, kernels on vs off: the gate's steps share one
+    packed LSTM and return the thresholded policy; every parameter's gradient and the BNs'
+    buffers agree."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    )  # fmt: skip
+    x = torch.randn(4, 3, 8, 8)
+    cfg = AdaFilterConfig(gate_bias_init=0.0)
+    model = wrap(net, cfg, example_input=x).to(device).train()
+    x = x.to(device)
+    results = []
+    for on in (True, False):
+        kernels.ENABLED = on
+        m = copy.deepcopy(model)
+        out = m(x)
+        (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
+        grads = [p.grad for p in m.parameters() if p.requires_grad]
+        assert all(t is not None for t in grads)
+        results.append([out.detach(), *grads, *m.buffers()])
+    kernels.ENABLED = True
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 

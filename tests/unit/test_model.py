@@ -283,12 +283,12 @@ def test_gate_logits_receive_gradient_of_binary_policy():
 
     import adafilter.tuner.policies as policies_mod
 
-    policies_mod.binarize = spy
+    policies_mod.binarize = gate_mod.binarize = spy  # training thresholds in the gate's step
     try:
         out = model(torch.randn(4, 3, 32, 32))
         out.square().sum().backward()
     finally:
-        policies_mod.binarize = orig
+        policies_mod.binarize = gate_mod.binarize = orig
         h.remove()
     assert torch.equal(captured["logits"].grad, seen["g"].grad)
     assert seen["g"].grad.abs().sum() > 0

@@ -36,9 +36,10 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class _KernelStep(torch.autograd.Function):
-    """The training step (Eq. 2 before the threshold) as two Triton kernels: the forward and
-    the input-side backward one program per example; the weight gradients batched products.
-    About ten launches per layer and step where the eager step with its backward needs
+    """The training step (Eq. 2, optionally with its threshold) as two Triton kernels: the
+    forward and the input-side backward one program per example; the weight gradients batched
+    products, the shared LSTM's one product into its packed parameters (:func:`kernels.pack_cell`).
+    About eight launches per layer and step where the eager step with its backward needs
     twenty to forty."""
 
     @staticmethod
@@ -47,38 +48,40 @@ class _KernelStep(torch.autograd.Function):
         pooled: Tensor,
         h0: Tensor | None,
         c0: Tensor | None,
-        modules: tuple[nn.Linear, nn.LSTMCell, nn.Linear],
-        *params: Tensor,  # the modules' parameters: autograd's inputs
+        modules: tuple[nn.Linear, nn.Linear],
+        threshold: bool,
+        *params: Tensor,  # W_e, b_e, the packed LSTM, W_head, b_head: autograd's inputs
     ) -> tuple[Tensor, Tensor, Tensor]:
+        emb, head = modules
         state = (h0, c0) if h0 is not None and c0 is not None else None
-        logits, h, c, v, gates = kernels.gate_train_forward(pooled, state, *modules)
+        out, h, c, u, gates = kernels.gate_train_forward(
+            pooled, state, emb, params[2], head, threshold=threshold
+        )
         ctx.modules = modules
-        ctx.save_for_backward(pooled, h0, c0, h, c, v, gates)
-        return logits, h, c
+        ctx.save_for_backward(pooled, params[2], c0, h, c, u, gates)
+        return out, h, c
 
     @staticmethod
-    def backward(ctx: Any, dlogits: Tensor, dh: Tensor, dc: Tensor):  # type: ignore[override]
-        pooled, h0, c0, h, c, v, gates = ctx.saved_tensors
-        emb, cell, head = ctx.modules
+    def backward(ctx: Any, dout: Tensor, dh: Tensor, dc: Tensor):  # type: ignore[override]
+        # dout: of the logits, or of the thresholded policy (the identity straight-through
+        # estimator of Eq. 2 passes it to the logits unchanged)
+        pooled, packed, c0, h, c, u, gates = ctx.saved_tensors
+        emb, head = ctx.modules
         dgates, dh0, dc0, dv, dp = kernels.gate_train_backward(
-            (dlogits, dh, dc), gates, c, c0, emb, cell, head, need_pooled=ctx.needs_input_grad[0]
+            (dout, dh, dc), gates, c, c0, emb, packed, head, need_pooled=ctx.needs_input_grad[0]
         )
-        dlogits = dlogits.float()
-        db = dgates.sum(0)  # (4H,): the gradient of b_ih and (a copy) of b_hh
-        d_whh = None if h0 is None else dgates.t() @ h0.float()  # (4H, H)
+        dout = dout.float()
         return (
             dp,
             dh0,
             dc0,
             None,
+            None,
             dv.t() @ pooled.float(),  # W_e (E, C_in)
             dv.sum(0),
-            dgates.t() @ v,  # W_ih (4H, E)
-            d_whh,
-            db,
-            db.clone(),  # never one tensor as two parameters' .grad
-            dlogits.t() @ h,  # W_head (C_out, H)
-            dlogits.sum(0),
+            dgates.t() @ u,  # [W_ih, W_hh, b_ih, b_hh] (4H, E + H + 2): u = [v, h0, 1, 1]
+            dout.t() @ h,  # W_head (C_out, H)
+            dout.sum(0),
         )
 
 
@@ -144,30 +147,59 @@ class RecurrentGate(nn.Module):
             nn.init.constant_(head.bias, bias_init)
 
     def step(
-        self, index: int, x: Tensor, state: tuple[Tensor, Tensor] | None
+        self,
+        index: int,
+        x: Tensor,
+        state: tuple[Tensor, Tensor] | None,
+        *,
+        packed: Tensor | None = None,
+        binary: bool = False,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Advance the LSTM on layer ``index``'s input ``x`` (B, C_in, H, W).
 
-        On CUDA (eager or graph capture, not ``torch.compile``) the step and its backward run
-        as Triton kernels (:class:`_KernelStep`); elsewhere as ATen's linear maps and LSTM cell.
+        On CUDA (eager or graph capture, not ``torch.compile``) the training step and its
+        backward run as Triton kernels (:class:`_KernelStep`); elsewhere as ATen's linear maps
+        and LSTM cell.
+
+        Args:
+            index: The gated layer.
+            x: Its input.
+            state: The LSTM state after the previous layer; ``None`` starts from zeros.
+            packed: The kernels' training step: :meth:`packed_cell` of this forward, shared by
+                its layers (built per step when ``None``).
+            binary: Return the policy ``binarize(logits)`` (identity straight-through) rather
+                than the logits; the kernels' training step thresholds in the same launch.
 
         Returns:
-            Policy logits (B, C_out) and the new LSTM state; ``state=None`` starts from zeros.
+            Policy logits (B, C_out) (or the policy, with ``binary``) and the new LSTM state.
         """
         if not self.training:
-            return self._step_eval(index, x, state)
+            logits, new = self._step_eval(index, x, state)
+            return (binarize(logits) if binary else logits), new
         pooled = x.mean((2, 3))  # (B, C_in)
         if self.detach_input:
             pooled = pooled.detach()
-        if kernels.available(x) and not is_compiling():  # CUDA (graph capture included)
+        if self._kernel_step(x):
             emb, head = self.embed[index], self.heads[index]
             h0, c0 = state if state is not None else (None, None)
-            params = (*emb.parameters(), *self.cell.parameters(), *head.parameters())
-            logits, h, c = _KernelStep.apply(pooled, h0, c0, (emb, self.cell, head), *params)
-            return logits, (h, c)
+            packed = self.packed_cell(x) if packed is None else packed
+            params = (emb.weight, emb.bias, packed, head.weight, head.bias)
+            out, h, c = _KernelStep.apply(pooled, h0, c0, (emb, head), binary, *params)
+            return out, (h, c)
         e = self.embed[index](pooled)  # (B, E)
         h, c = self.cell(e, state)  # (B, H) each
-        return self.heads[index](h), (h, c)  # (B, C_out)
+        logits = self.heads[index](h)  # (B, C_out)
+        return (binarize(logits) if binary else logits), (h, c)
+
+    def _kernel_step(self, x: Tensor) -> bool:
+        # CUDA (graph capture included), not traced: torch.compile traces the ATen step
+        return self.training and kernels.available(x) and not is_compiling()
+
+    def packed_cell(self, x: Tensor) -> Tensor | None:
+        """The shared LSTM's parameters packed for the kernels' training step on ``x``
+        (:func:`kernels.pack_cell`), to build once per forward and pass to every layer's
+        :meth:`step`; ``None`` where that step does not run."""
+        return kernels.pack_cell(self.cell) if self._kernel_step(x) else None
 
     def train(self, mode: bool = True) -> RecurrentGate:
         self._drop_caches()

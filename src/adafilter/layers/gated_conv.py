@@ -309,6 +309,10 @@ class GatedConv2dBN(nn.Module):
         self.fixed_stats = fixed_stats
         self.subset_backward = True  # False: plain autograd through both convs (reference)
         self.dual_conv = True  # False: F and S as two convs on the subset path (A/B)
+        # accelerators, eval at batch > 1: the CPU's filter subsets (only the filters some
+        # example takes from each branch) at one host read per layer, instead of both full
+        # convs and a select; off until a GPU measures it (benchmarks/speed.py, "subsets")
+        self.device_subsets = False
         # True: no host reads, caches or data-dependent shapes (torch.compile, CUDA graphs);
         # also taken whenever torch.compile traces the layer. Same results either way.
         self.capturable = False
@@ -453,7 +457,7 @@ class GatedConv2dBN(nn.Module):
     def _forward_fast(self, x: Tensor, sel: Tensor) -> Tensor:
         """Eval: every output filter computed once per example (``sel`` (B, C) bool)."""
         w_f, b_f, w_s, b_s = self._folded()
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" and not (self.device_subsets and x.shape[0] > 1):
             # Accelerators: no data-dependent shapes or host reads (each would stall the queue).
             if x.shape[0] == 1:  # one merged filter bank, selected on the device
                 sel0 = sel[0]

@@ -109,8 +109,11 @@ def _smoke(device: torch.device) -> bool:
             gate_step(x, torch.zeros(3, 3, device=device), w[4], *w, (ones[:, :2], ones[:, :2]))
             mods = (nn.Linear(3, 2), nn.LSTMCell(2, 2), nn.Linear(2, 3))
             emb, cell, head = (m.to(device) for m in mods)
-            out = gate_train_forward(mean, (ones[:, :2], ones[:, :2]), emb, cell, head)
-            gate_train_backward(out[:3], out[4], out[2], ones[:, :2], *mods, need_pooled=True)
+            pk = pack_cell(cell)
+            out = gate_train_forward(mean, (ones[:, :2], ones[:, :2]), emb, pk, head)
+            gate_train_backward(
+                out[:3], out[4], out[2], ones[:, :2], emb, pk, head, need_pooled=True
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if not (torch.allclose(mean, z.mean((2, 3)), atol=1e-5) and torch.allclose(y, z + 1)):
@@ -301,16 +304,23 @@ if triton is not None:
         hid_s1,
         head_s0,
         head_s1,
+        bias_s,
+        VS,
         HAS_EMB: tl.constexpr,
         HAS_STATE: tl.constexpr,
         RAW: tl.constexpr,
+        THRESHOLD: tl.constexpr,
         BR: tl.constexpr,
         BC: tl.constexpr,
     ):  # pragma: no cover - compiled by Triton
         """``inp`` (K, 4H), ``hid`` (H, 4H), ``head`` (H, C_out) are read through their strides
-        (``*_s0``, ``*_s1``): the eval weights are row-major copies, the training step's the
-        parameters read transposed in place. RAW: the training step's two LSTM biases and cell
-        gate rows as stored; else one summed bias and g rows doubled (eval)."""
+        (``*_s0``, ``*_s1``), the biases with stride ``bias_s``: the eval weights are row-major
+        copies, the training step's the packed LSTM parameters and the head read in place.
+        RAW: the training step's two LSTM biases and cell gate rows as stored, and each row of
+        ``v`` (row stride VS) extended to ``[v, h0, 1, 1]``, the factor that multiplies the
+        pre-activations' gradient into the packed parameters' (zeros for h0 without a state);
+        else one summed bias and g rows doubled (eval). THRESHOLD: store the policy
+        ``logits >= 0`` as 0./1. (Eq. 2) instead of the logits."""
         b = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BC)
         rows = tl.arange(0, BR)
@@ -330,15 +340,24 @@ if triton is not None:
                 v = acc * alpha + eb
             else:
                 v = tl.load(pooled_ptr + b * C + ko, mask=ko < K, other=0.0) * alpha
-            tl.store(v_ptr + b * K + ko, v, mask=ko < K)
+            tl.store(v_ptr + b * VS + ko, v, mask=ko < K)
+        if RAW:  # [v, h0, 1, 1] (see above)
+            for j0 in range(0, HID, BC):
+                jo = j0 + cols
+                hv = tl.zeros([BC], dtype=tl.float32)
+                if HAS_STATE:
+                    hv = tl.load(h0_ptr + b * HID + jo, mask=jo < HID, other=0.0).to(tl.float32)
+                tl.store(v_ptr + b * VS + K + jo, hv, mask=jo < HID)
+            one = tl.full([BC], 1.0, dtype=tl.float32)
+            tl.store(v_ptr + b * VS + K + HID + cols, one, mask=cols < 2)
         tl.debug_barrier()
         # 2. the LSTM's pre-activations (4H,): bias + v @ W_in (+ h0 @ W_hh), g rows doubled
         for g0 in range(0, g4, BC):
             go = g0 + cols
-            acc = tl.load(bias_ptr + go, mask=go < g4, other=0.0).to(tl.float32)
+            acc = tl.load(bias_ptr + go * bias_s, mask=go < g4, other=0.0).to(tl.float32)
             if RAW:
-                acc += tl.load(bias2_ptr + go, mask=go < g4, other=0.0).to(tl.float32)
-            acc = _dot_rows(v_ptr + b * K, K, inp_ptr, inp_s0, inp_s1, g4, go, acc, BR, BC)
+                acc += tl.load(bias2_ptr + go * bias_s, mask=go < g4, other=0.0).to(tl.float32)
+            acc = _dot_rows(v_ptr + b * VS, K, inp_ptr, inp_s0, inp_s1, g4, go, acc, BR, BC)
             if HAS_STATE:
                 h0 = h0_ptr + b * HID
                 acc = _dot_rows(h0, HID, hid_ptr, hid_s0, hid_s1, g4, go, acc, BR, BC)
@@ -361,6 +380,8 @@ if triton is not None:
             acc = tl.load(head_bias_ptr + oo, mask=oo < CO, other=0.0).to(tl.float32)
             h = h_ptr + b * HID
             acc = _dot_rows(h, HID, head_ptr, head_s0, head_s1, CO, oo, acc, BR, BC)
+            if THRESHOLD:
+                acc = (acc >= 0.0).to(tl.float32)
             tl.store(logits_ptr + b * CO + oo, acc, mask=oo < CO)
 
     @triton.jit
@@ -385,13 +406,15 @@ if triton is not None:
         E,
         HID,
         CO,
+        WS,
         HAS_STATE: tl.constexpr,
         NEED_DP: tl.constexpr,
         BR: tl.constexpr,
         BC: tl.constexpr,
     ):  # pragma: no cover - compiled by Triton
         """The training step's backward for one example (program): the LSTM cell's and the
-        three linear maps' input gradients; the weights' gradients are batched products."""
+        three linear maps' input gradients; the weights' gradients are batched products.
+        ``w_hh``, ``w_ih``: views into the packed LSTM parameters, row stride WS."""
         b = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BC)
         g4 = 4 * HID
@@ -427,12 +450,12 @@ if triton is not None:
             for j0 in range(0, HID, BC):
                 jo = j0 + cols
                 acc = tl.zeros([BC], dtype=tl.float32)
-                acc = _dot_rows(dgates_ptr + b * g4, g4, w_hh_ptr, HID, 1, HID, jo, acc, BR, BC)
+                acc = _dot_rows(dgates_ptr + b * g4, g4, w_hh_ptr, WS, 1, HID, jo, acc, BR, BC)
                 tl.store(dh0_ptr + b * HID + jo, acc, mask=jo < HID)
         for e0 in range(0, E, BC):
             eo = e0 + cols
             acc = tl.zeros([BC], dtype=tl.float32)
-            acc = _dot_rows(dgates_ptr + b * g4, g4, w_ih_ptr, E, 1, E, eo, acc, BR, BC)
+            acc = _dot_rows(dgates_ptr + b * g4, g4, w_ih_ptr, WS, 1, E, eo, acc, BR, BC)
             tl.store(dv_ptr + b * E + eo, acc, mask=eo < E)
         if NEED_DP:  # the gate's gradient into the pooled input (W_e (E, C) stored)
             tl.debug_barrier()
@@ -800,9 +823,12 @@ def gate_step(
         *inp.stride(),
         *hid.stride(),
         *head.stride(),
+        1,
+        k,
         HAS_EMB=has_emb,
         HAS_STATE=has_state,
         RAW=False,
+        THRESHOLD=False,
         BR=32,
         BC=64,
     )
@@ -928,12 +954,35 @@ def branch_coeffs(
     return k, dgb, dg
 
 
+def pack_cell(cell: nn.LSTMCell) -> Tensor:
+    """The shared LSTM's parameters as one ``(4H, E + H + 2)`` tensor ``[W_ih, W_hh, b_ih,
+    b_hh]``, built once per training forward (with autograd): every layer's step then returns
+    one gradient for it, one product each, that autograd sums over the layers once instead of
+    four parameters' gradients four times."""
+    return torch.cat(
+        [cell.weight_ih, cell.weight_hh, cell.bias_ih[:, None], cell.bias_hh[:, None]], 1
+    )
+
+
+def _unpack(packed: Tensor, e_dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Views of :func:`pack_cell`'s tensor: W_ih (4H, E), W_hh (4H, H), b_ih, b_hh (4H,)."""
+    hidden = packed.shape[0] // 4
+    if packed.dim() != 2 or packed.shape != (4 * hidden, e_dim + hidden + 2):
+        raise ValueError(
+            f"need the packed LSTM (4H, E + H + 2) for E={e_dim}, got {tuple(packed.shape)}"
+        )
+    k = e_dim + hidden
+    return packed[:, :e_dim], packed[:, e_dim:k], packed[:, k], packed[:, k + 1]
+
+
 def gate_train_forward(
     pooled: Tensor,
     state: tuple[Tensor, Tensor] | None,
     emb: nn.Linear,
-    cell: nn.LSTMCell,
+    packed: Tensor,
     head: nn.Linear,
+    *,
+    threshold: bool = False,
 ) -> tuple[Tensor, ...]:
     """The recurrent gate's training step forward, one program per example, on the weights as
     stored (no transposed or pre-scaled copies to launch).
@@ -941,37 +990,41 @@ def gate_train_forward(
     Args:
         pooled: (B, C_in) mean-pooled layer input.
         state: ``(h0, c0)``, (B, H) each, or ``None`` (zeros).
-        emb, cell, head: The layer's embedding, the shared LSTM cell, the layer's head.
+        emb, head: The layer's embedding and head.
+        packed: The shared LSTM cell's parameters, :func:`pack_cell`.
+        threshold: Return the binary policy ``logits >= 0`` (0./1., Eq. 2) for the logits.
 
     Returns:
-        ``(logits, h, c, v, gates)`` in float32: (B, C_out), the new state, and what the
-        backward reads: the embedding (B, E) and the pre-activations (B, 4H).
+        ``(logits, h, c, u, gates)`` in float32: (B, C_out), the new state, and what the
+        backward reads: ``u = [v, h0, 1, 1]`` (B, E + H + 2), the embedding ``v`` extended so
+        that ``dgates^T @ u`` is the packed parameters' gradient, and the pre-activations (B, 4H).
     """
     b, c_in = pooled.shape
-    e_dim, hidden, c_out = emb.out_features, cell.hidden_size, head.out_features
-    if emb.in_features != c_in or cell.input_size != e_dim or head.in_features != hidden:
+    e_dim, c_out = emb.out_features, head.out_features
+    w_ih, w_hh, b_ih, b_hh = _unpack(packed, e_dim)
+    hidden = w_hh.shape[1]
+    if emb.in_features != c_in or head.in_features != hidden or packed.stride(1) != 1:
         raise ValueError("gate weights do not fit together or the input's channels")
     f32 = {"device": pooled.device, "dtype": torch.float32}
-    v, gates = torch.empty(b, e_dim, **f32), torch.empty(b, 4 * hidden, **f32)
+    u, gates = torch.empty(b, e_dim + hidden + 2, **f32), torch.empty(b, 4 * hidden, **f32)
     logits = torch.empty(b, c_out, **f32)
     h, cell_out = torch.empty(b, hidden, **f32), torch.empty(b, hidden, **f32)
     pooled = pooled.contiguous()
     has_state = state is not None
-    # read transposed in place: (E, 4H), (H, 4H), (H, C_out) views of the stored parameters
-    w_ih, w_hh, w_head = (w.contiguous().t() for w in (cell.weight_ih, cell.weight_hh, head.weight))
+    w_head = head.weight.contiguous().t()  # read transposed in place: (H, C_out)
     _gate_step_kernel[(b,)](
         pooled,
         emb.weight.contiguous(),
         emb.bias,
-        w_ih,
-        cell.bias_ih,
-        cell.bias_hh,
-        w_hh,
+        w_ih.t(),  # (E, 4H), (H, 4H): views of the packed parameters
+        b_ih,
+        b_hh,
+        w_hh.t(),
         w_head,
         head.bias,
         state[0].contiguous() if has_state else pooled,
         state[1].contiguous() if has_state else pooled,
-        v,
+        u,
         gates,
         logits,
         h,
@@ -982,16 +1035,19 @@ def gate_train_forward(
         hidden,
         c_out,
         1.0,
-        *w_ih.stride(),
-        *w_hh.stride(),
+        *w_ih.t().stride(),
+        *w_hh.t().stride(),
         *w_head.stride(),
+        packed.stride(0),
+        u.shape[1],
         HAS_EMB=True,
         HAS_STATE=has_state,
         RAW=True,
+        THRESHOLD=threshold,
         BR=32,
         BC=64,
     )
-    return logits, h, cell_out, v, gates
+    return logits, h, cell_out, u, gates
 
 
 def gate_train_backward(
@@ -1000,7 +1056,7 @@ def gate_train_backward(
     c: Tensor,
     c0: Tensor | None,
     emb: nn.Linear,
-    cell: nn.LSTMCell,
+    packed: Tensor,
     head: nn.Linear,
     *,
     need_pooled: bool,
@@ -1011,6 +1067,7 @@ def gate_train_backward(
         grads: ``dL/dlogits`` (B, C_out), ``dL/dh`` and ``dL/dc`` (B, H) of the step's outputs.
         gates: (B, 4H) pre-activations the forward saved; ``c`` (B, H) its new cell state;
             ``c0`` the state it started from (``None``: zeros).
+        emb, packed, head: As for :func:`gate_train_forward`.
         need_pooled: Also return ``dL/dpooled``.
 
     Returns:
@@ -1021,6 +1078,7 @@ def gate_train_backward(
     dlogits, dh, dc = (t.contiguous() for t in grads)
     b, hidden = dh.shape
     e_dim, c_in, c_out = emb.out_features, emb.in_features, head.out_features
+    w_ih, w_hh, _, _ = _unpack(packed, e_dim)
     f32 = {"device": dh.device, "dtype": torch.float32}
     dhs, dgates = torch.empty(b, hidden, **f32), torch.empty(b, 4 * hidden, **f32)
     has_state = c0 is not None
@@ -1036,8 +1094,8 @@ def gate_train_backward(
         c,
         c0.contiguous() if has_state else c,
         head.weight.contiguous(),
-        cell.weight_hh.contiguous(),
-        cell.weight_ih.contiguous(),
+        w_hh,
+        w_ih,
         emb.weight.contiguous(),
         dhs,
         dgates,
@@ -1049,6 +1107,7 @@ def gate_train_backward(
         e_dim,
         hidden,
         c_out,
+        packed.stride(0),
         HAS_STATE=has_state,
         NEED_DP=need_pooled,
         BR=32,

@@ -35,6 +35,9 @@ class ForwardPolicies:
         self.f_sum: Tensor | None = None
         self.f_count = 0
         self.cnn_logits: list[Tensor] | None = None
+        # the shared LSTM packed once for the kernels' training step (RecurrentGate.packed_cell)
+        self._packed: Tensor | None = None
+        self._packed_asked = False
         if owner.policy_mode == "learned" and isinstance(owner.gate, CNNGate):
             self.cnn_logits = owner.gate(image)
         # decided once per forward, so a model without the built kernel (or on another
@@ -62,29 +65,48 @@ class ForwardPolicies:
         b, c = x.shape[0], owner.layer_out_channels[index]
         mode = owner.policy_mode
         if mode == "learned":
-            if self.cnn_logits is not None:
-                logits = self.cnn_logits[index]
-            else:
-                assert isinstance(owner.gate, RecurrentGate)
-                logits, self.state = owner.gate.step(index, x, self.state)
-            if self.logits is not None:
-                self.logits[index] = logits.detach()
-            if owner.training and owner.config.gate_noise > 0:
-                u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-                logits = logits + owner.config.gate_noise * (u.log() - (-u).log1p())  # logistic
-            if torch.is_grad_enabled() or owner.training:
-                g = binarize(logits, owner.config.ste)
-                if g.requires_grad and owner.config.policy_cost > 0:  # only the cost reads it
-                    self.f_sum = g.sum() if self.f_sum is None else self.f_sum + g.sum()
-                    self.f_count += g.numel()
-            else:
-                g = logits >= 0  # (B, C) bool: inference needs no 0./1. floats (Eq. 2)
+            g = self._learned(index, x)
         elif mode == "random":
             draw = torch.rand(b, c, generator=owner._generator)
             g = (draw < owner.random_p).to(device=x.device, dtype=x.dtype)
         else:
             g = x.new_full((b, c), 1.0 if mode == "finetuned" else 0.0)
         self.decisions[index] = g.detach() if g.requires_grad else g  # no graph kept alive
+        return g
+
+    def _learned(self, index: int, x: Tensor) -> Tensor:
+        owner, cfg = self.owner, self.owner.config
+        # training, no noise, nothing reading the logits: the recurrent gate's step returns the
+        # policy itself (Eq. 2, identity straight-through), thresholded in the kernels' launch
+        binary = (
+            owner.training
+            and self.cnn_logits is None
+            and self.logits is None
+            and cfg.gate_noise == 0
+            and cfg.ste == "identity"
+        )
+        if self.cnn_logits is not None:
+            logits = self.cnn_logits[index]
+        else:
+            gate = owner.gate
+            assert isinstance(gate, RecurrentGate)
+            if not self._packed_asked:  # once per forward: the layers share the packed LSTM
+                self._packed, self._packed_asked = gate.packed_cell(x), True
+            logits, self.state = gate.step(index, x, self.state, packed=self._packed, binary=binary)
+        if binary:
+            g = logits  # (B, C) 0./1.
+        else:
+            if self.logits is not None:
+                self.logits[index] = logits.detach()
+            if owner.training and cfg.gate_noise > 0:
+                u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+                logits = logits + cfg.gate_noise * (u.log() - (-u).log1p())  # logistic
+            if not (torch.is_grad_enabled() or owner.training):
+                return logits >= 0  # (B, C) bool: inference needs no 0./1. floats (Eq. 2)
+            g = binarize(logits, cfg.ste)
+        if g.requires_grad and cfg.policy_cost > 0:  # only the usage cost reads the sum
+            self.f_sum = g.sum() if self.f_sum is None else self.f_sum + g.sum()
+            self.f_count += g.numel()
         return g
 
     def compiled_state(self) -> tuple[Tensor, Tensor] | None:
