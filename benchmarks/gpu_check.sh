@@ -37,9 +37,11 @@ python3 - "$OUT/speed-cuda.json" <<'PY' || status=1
 import json, sys
 r = json.load(open(sys.argv[1]))
 for t in r["train"]:
-    print(f"train {t['arch']}@{t['resolution']} b{t['batch']} {t['autocast']}: {t['ratio']:.2f}x")
+    rc = f" (recompute {t['ratio_recompute']:.2f}x)" if "ratio_recompute" in t else ""
+    print(f"train {t['arch']}@{t['resolution']} b{t['batch']} {t['autocast']} {t['policy']}: "
+          f"{t['ratio']:.2f}x{rc}")
 for m in r["memory"]:
-    print(f"memory {m['arch']} b{m['batch']}: {m['ratio']:.2f}x")
+    print(f"memory {m['arch']} b{m['batch']}: {m['ratio']:.2f}x (recompute {m['ratio_recompute']:.2f}x)")
 e = r["eval_batch1"]
 print(f"eval b1: fast {e['fast_vs_plain']:.2f}x dual {e['dual_vs_plain']:.2f}x")
 for e in r["eval_batch32"]:

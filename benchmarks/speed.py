@@ -155,16 +155,22 @@ def bench_train(
     device: torch.device,
     amp: torch.dtype | None = None,
     policy: str = "init",
+    recompute: bool = False,
 ) -> dict:
     """Training step time. ``policy``: ``init`` (the gate at head bias 3: every filter from F,
     AdaFilter starting as fine-tuning), ``trained-like`` (most filters' choice fixed, ~20%
     input-dependent) or ``random`` (random-policy mode, p=0.5: every filter needed from both
-    branches)."""
+    branches). ``recompute``: also time ``recompute_pretrained``."""
     plain, ada, x, y = _train_setup(arch, res, batch, device, policy)
     fns = {
         "finetune": _train_step_fn(plain, x, y, amp),
         "adafilter": _train_step_fn(ada, x, y, amp),
     }
+    if recompute:  # A/B: S's output recomputed in the backward instead of kept
+        again = copy.deepcopy(ada)
+        for layer in again.gated_layers().values():
+            layer.recompute_s = True
+        fns["adafilter_recompute"] = _train_step_fn(again, x, y, amp)
     if device.type == "cpu":  # A/B: each branch's own transposed conv (no fused dL/dx)
         two = copy.deepcopy(ada)
         for layer in two.gated_layers().values():
@@ -179,11 +185,11 @@ def bench_train(
         "policy": policy,
         "median_s": med,
         "ratio": med["adafilter"] / med["finetune"],
-        **(
-            {"ratio_two_dgrads": med["adafilter_two_dgrads"] / med["finetune"]}
-            if "adafilter_two_dgrads" in med
-            else {}
-        ),
+        **{
+            f"ratio_{k.removeprefix('adafilter_')}": v / med["finetune"]
+            for k, v in med.items()
+            if k.startswith("adafilter_")
+        },
         **_policy_stats(ada),
     }
 
@@ -221,8 +227,9 @@ def _memory_child(arch: str, res: int, batch: int, method: str, device: str) -> 
     """
     dev = torch.device(device)
     model = _build(arch, dev)
-    if method == "adafilter":
-        model = wrap(model, example_input=torch.zeros(1, 3, res, res, device=dev))
+    if method.startswith("adafilter"):
+        cfg = AdaFilterConfig(recompute_pretrained=method == "adafilter-recompute")
+        model = wrap(model, cfg, example_input=torch.zeros(1, 3, res, res, device=dev))
     x = torch.randn(batch, 3, res, res, device=dev)
     y = torch.randint(0, 100, (batch,), device=dev)
     step = _train_step_fn(model, x, y)
@@ -248,7 +255,7 @@ def _status_kb(field: str) -> int:
 
 def bench_memory(arch: str, res: int, batch: int, device: torch.device) -> dict:
     out, before = {}, {}
-    for method in ("finetune", "adafilter"):
+    for method in ("finetune", "adafilter", "adafilter-recompute"):
         proc = subprocess.run(
             [
                 sys.executable,
@@ -275,8 +282,11 @@ def bench_memory(arch: str, res: int, batch: int, device: torch.device) -> dict:
         "measure": kind,
         "peak_bytes": out,
         "ratio": out["adafilter"] / out["finetune"],
+        "ratio_recompute": out["adafilter-recompute"] / out["finetune"],
         "peak_minus_before_training_bytes": growth,
         "training_growth_ratio": growth["adafilter"] / max(growth["finetune"], 1),
+        "training_growth_ratio_recompute": growth["adafilter-recompute"]
+        / max(growth["finetune"], 1),
     }
 
 
@@ -511,7 +521,7 @@ def _training_rows(
     if "train" in only:
         big_batch = 8 if device.type == "cpu" else 64
         result["train"] = [
-            bench_train(*big, big_batch, reps, device, policy=p)
+            bench_train(*big, big_batch, reps, device, policy=p, recompute=p == "trained-like")
             for p in ("init", "trained-like", "random")
         ] + [bench_train("resnet18", 64, 32, reps, device, policy=p) for p in ("init", "random")]
         if device.type == "cuda":  # what a GPU user runs: bf16 autocast

@@ -322,11 +322,16 @@ class _GatedBNFunction(torch.autograd.Function):
         bs: Tensor,
         z: Tensor | None,
         mask: Tensor,
+        source: Tensor | None,
+        remake: Callable[[Tensor], Tensor] | None,
         capturable: bool,
         *stats: Tensor | None,
     ) -> Tensor:
         st = _Stats(*stats)
-        ctx.save_for_backward(xf, xs, mask, *st)
+        # with ``remake``, S's output is recomputed from its input in the backward rather than
+        # kept (one conv-output activation less per layer, one more conv forward)
+        ctx.save_for_backward(xf, xs if remake is None else source, mask, *st)
+        ctx.remake = remake
         ctx.capturable = capturable
         ctx.triton = z is None  # the Triton kernels ran the forward: also the backward
         if ctx.triton:  # select (Eq. 1) and normalise (Eq. 5) in one pass
@@ -347,6 +352,8 @@ class _GatedBNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         xf, xs, mask, *stats = ctx.saved_tensors
+        if ctx.remake is not None:
+            xs = ctx.remake(xs)  # saved: S's input
         st = _Stats(*stats)
         dy = dy.contiguous()
         if ctx.triton:  # one pass for the per-plane sums, one kernel for the coefficients
@@ -387,6 +394,8 @@ class _GatedBNFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
             *([None] * len(stats)),
         )
 
@@ -423,6 +432,7 @@ def gated_batch_norm(
     min_examples: int = 2,
     min_values: int = 16,
     capturable: bool = False,
+    remake_xs: tuple[Tensor, Callable[[Tensor], Tensor]] | None = None,
 ) -> Tensor:
     """Select per (example, channel) between two conv outputs and normalise each branch (Eq. 5).
 
@@ -438,6 +448,8 @@ def gated_batch_norm(
         capturable: No host synchronisation and only traceable operations (for
             ``torch.compile`` and CUDA graphs); the same results as the default path, which
             uses faster ATen kernels on CPU and skips the backward of an unused branch.
+        remake_xs: ``(x, fn)`` with ``fn(x) == xs`` exactly (S's conv and its input): the
+            backward recomputes ``xs`` instead of keeping it (activation memory for compute).
 
     Returns:
         The normalised, selected output, shape (B, C, H, W).
@@ -471,6 +483,7 @@ def gated_batch_norm(
         *_affine(bn_s, st.mean[1]),
         z,
         mask,
+        *(remake_xs if remake_xs is not None else (None, None)),
         capturable,
         *st,
     )

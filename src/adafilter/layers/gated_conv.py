@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any, NamedTuple, Protocol
 
@@ -282,6 +282,8 @@ class GatedConv2dBN(nn.Module):
         fixed_stats: Normalise with the running statistics in training too and never update
             them (a frozen BN, e.g. ``torchvision.ops.FrozenBatchNorm2d``, converted to
             ``bn``); the affine parameters still train.
+        recompute_s: Training with the gated BN: recompute S's conv output in the backward
+            instead of keeping it (``AdaFilterConfig.recompute_pretrained``).
     """
 
     def __init__(
@@ -295,6 +297,7 @@ class GatedConv2dBN(nn.Module):
         bn_min_values: int = 16,
         fast_eval: bool = True,
         fixed_stats: bool = False,
+        recompute_s: bool = False,
     ) -> None:
         super().__init__()
         if conv.padding_mode != "zeros":
@@ -307,6 +310,7 @@ class GatedConv2dBN(nn.Module):
         self.bn_min_values = bn_min_values
         self.fast_eval = fast_eval
         self.fixed_stats = fixed_stats
+        self.recompute_s = recompute_s
         self.subset_backward = True  # False: plain autograd through both convs (reference)
         self.dual_conv = True  # False: F and S as two convs on the subset path (A/B)
         # accelerators, eval at batch > 1: the CPU's filter subsets (only the filters some
@@ -360,7 +364,7 @@ class GatedConv2dBN(nn.Module):
                 return self._forward_fast_capturable(x, sel)
             return self._forward_fast(x, sel)
         xf, xs = self._branches(x, g, capturable)  # (B, C_out, H', W') each
-        return self._select(xf, xs, g, capturable)
+        return self._select(xf, xs, g, capturable, x)
 
     def _branches(self, x: Tensor, g: Tensor, capturable: bool) -> tuple[Tensor, Tensor]:
         """Both convs' outputs, ``F(x)`` and ``S(x)``; on CPU with gradients, their backward
@@ -385,9 +389,16 @@ class GatedConv2dBN(nn.Module):
         xf = conv(x, f.weight, f.bias, sel.any(0), f)
         return xf, conv(x, s_.weight, s_.bias, ~sel.all(0), s_)
 
-    def _select(self, xf: Tensor, xs: Tensor, g: Tensor, capturable: bool) -> Tensor:
+    def _select(self, xf: Tensor, xs: Tensor, g: Tensor, capturable: bool, x: Tensor) -> Tensor:
         """Eq. 1 and the BN after it: the gated BN (Eq. 5), or one standard BN (ablation)."""
         if self.gated_bn:
+            # (an all-F step without a policy gradient passes F's output as S's: nothing kept)
+            remake = (
+                self.recompute_s
+                and torch.is_grad_enabled()
+                and not is_compiling()
+                and xs.data_ptr() != xf.data_ptr()
+            )
             return gated_batch_norm(
                 xf,
                 xs,
@@ -398,6 +409,7 @@ class GatedConv2dBN(nn.Module):
                 min_examples=self.bn_min_examples,
                 min_values=self.bn_min_values,
                 capturable=capturable,
+                remake_xs=(x, self._remake_s(x)) if remake else None,
             )
         gate = g.to(xf.dtype)[:, :, None, None]  # (B, C, 1, 1)
         z = xs + gate * (xf - xs)  # Eq. 1, then one standard BN
@@ -407,6 +419,18 @@ class GatedConv2dBN(nn.Module):
                 z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
             )
         return self.bn(z)
+
+    def _remake_s(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """S's conv as this forward ran it (same autocast), for the backward to recompute its
+        output from ``x`` instead of keeping it (``recompute_s``)."""
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+        def remake(inp: Tensor) -> Tensor:
+            with torch.no_grad(), torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
+                return self._conv(inp, self.conv_s.weight, self.conv_s.bias)
+
+        return remake
 
     # ---- inference path ------------------------------------------------------------------
 

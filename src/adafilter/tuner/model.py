@@ -261,6 +261,7 @@ def _gate_pair(
         bn_min_values=config.bn_min_values,
         fast_eval=config.fast_eval,
         fixed_stats=fixed_stats,
+        recompute_s=config.recompute_pretrained,
     )
     set_submodule(model, conv_name, layer)
     set_submodule(model, bn_name, slot)  # the BN now lives in `layer`
