@@ -24,7 +24,6 @@ import collections
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,8 @@ def _emulated(argv: list[str]) -> bool:
 if _emulated(sys.argv[1:]):
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 
+from activation_memory import SavedBytes  # noqa: E402 (this directory, like the script)
+from paths import code_commit  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from adafilter import AdaFilterConfig, AdaFilterModel, wrap  # noqa: E402
@@ -103,26 +104,6 @@ def _count_triton_launches() -> None:
     cls.run = counted
 
 
-class _SavedBytes:
-    """Bytes autograd keeps for the backward (``save_for_backward`` and the ATen operations'
-    saved tensors), each storage once; parameters, buffers and the input not counted (they
-    are resident anyway): the activation memory a training step adds at its peak."""
-
-    def __init__(self, resident: list[torch.Tensor]) -> None:
-        self.resident = {t.untyped_storage().data_ptr() for t in resident}
-        self.storages: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in self.resident:
-            self.storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
 def _step_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Launches of one training forward + backward (after one uncounted warm-up step), and
     the bytes saved for its backward."""
@@ -130,7 +111,7 @@ def _step_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str
     for counted in (False, True):
         model.zero_grad(set_to_none=True)
         counter = _Counter()
-        saved = _SavedBytes([*model.parameters(), *model.buffers(), x])
+        saved = SavedBytes([*model.parameters(), *model.buffers(), x])
         _ACTIVE.append(counter)
         try:
             with counter, torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
@@ -166,20 +147,6 @@ def _models(policy: str, device: torch.device) -> tuple[nn.Module, AdaFilterMode
     if device.type == "cpu":
         ada.capturable = True  # no CPU-only host reads or filter subsets: the GPU's path
     return plain, ada
-
-
-def _commit() -> str:
-    here = Path(kernels.__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -220,7 +187,7 @@ def main() -> None:
         )
     result = {
         "benchmark": "launch_count",
-        "commit": _commit(),
+        "commit": code_commit(kernels.__file__),
         "device": args.device
         + (" (GPU path emulated: Triton interpreter, capturable)" if device.type == "cpu" else ""),
         "torch": torch.__version__,

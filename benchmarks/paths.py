@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,19 @@ def relativize_json_file(path: str | Path, *, checkouts: Sequence[str | Path] = 
     tmp.write_text(new, encoding="utf-8")
     os.replace(tmp, path)
     return True
+
+
+def code_commit(module_file: str | Path) -> str:
+    """Short commit of the checkout that holds ``module_file`` (the code a benchmark imported,
+    which ``PYTHONPATH`` may point at another worktree), or ``"unknown"``."""
+    here = Path(module_file).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import copy
 import gc
+import sys
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.helpers import mix_policies, perturb_bn
 from torch import nn
 
 from adafilter import AdaFilterConfig, AdaFilterModel, wrap
 from adafilter.backbones.arch import cifar_resnet
 from adafilter.layers.gated_conv import GatedConv2dBN
+from helpers import REPO, mix_policies, perturb_bn
 
 
 def _models(policy: str) -> tuple[AdaFilterModel, AdaFilterModel]:
@@ -144,3 +145,15 @@ def test_recompute_is_a_config_and_cli_option() -> None:
         ["train", "--dataset", "d", "--out", "o", "--recompute-pretrained"]
     )
     assert train_config_from_args(args).adafilter["recompute_pretrained"] is True
+
+
+def test_activation_memory_benchmark_counts_the_saving() -> None:
+    """``benchmarks/activation_memory.py`` on a torchvision ResNet-18: AdaFilter keeps about
+    one and a half times fine-tuning's activations, with the option about as many."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import activation_memory  # noqa: PLC0415 (benchmarks/ is not a package)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    row = activation_memory.measure("resnet18", 64, 4, torch.device("cpu"))
+    assert row["ratio"] > 1.4 and row["ratio_recompute"] < 1.15, row
