@@ -3,7 +3,8 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh            # STAGE=core: fits one 10-minute call
 #   OUT=/tmp/gpu STAGE=compile bash benchmarks/gpu_check.sh   # eager vs torch.compile rows
 # core: 1) the CUDA cases of the test suite (gated BN vs float64, autocast fp16/bf16, fast ==
-# dual path, the Triton kernels vs eager, torchrun with two ranks on the GPU); 2)
+# dual path and device subsets, the Triton kernels vs eager, recompute_pretrained, torchrun with
+# two ranks on the GPU); 2)
 # benchmarks/speed.py on the GPU; 3) launches per training step (launch_count.py); 4) the eval
 # rows with the Triton kernels off. Logs and the result JSON files are copied to $OUT.
 set -uo pipefail
@@ -23,7 +24,7 @@ if [ "${STAGE:-core}" = compile ]; then
 fi
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_devices.py \
   "tests/integration/test_distributed.py::test_torchrun_two_processes[cuda]" \
-  tests/unit/test_kernels.py::test_kernels_match_eager_on_cuda 2>&1 | tee "$OUT/pytest.log" | tail -15 || status=1
+  tests/unit/test_kernels.py::test_kernels_match_eager_on_cuda tests/unit/test_recompute.py 2>&1 | tee "$OUT/pytest.log" | tail -15 || status=1
 timeout 240 python3 benchmarks/speed.py --device cuda --reps "${REPS:-20}" > "$OUT/speed.log" 2>&1 || status=1
 tail -3 "$OUT/speed.log"
 timeout 40 python3 benchmarks/launch_count.py --device cuda --out "$OUT/launch-count-cuda.json" \
