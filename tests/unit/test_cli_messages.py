@@ -25,6 +25,10 @@ def _flags_registered() -> None:
         ("device=cuda requested but CUDA", "--device cuda requested but CUDA"),
         ("unknown compile_backend='nope'; use", "unknown --compile-backend 'nope'; use"),
         ("cuda_graphs=True ignored with compile=True", "--cuda-graphs ignored with --compile"),
+        (
+            "recompute_pretrained=True ignored with compile=True",
+            "--recompute-pretrained ignored with --compile",
+        ),
         ("amp=fp16 ignored on cpu", "--amp fp16 ignored on cpu"),
         ("lower lr=/gate_lr= or use amp=off", "lower --lr/--gate-lr or use --amp off"),
         (

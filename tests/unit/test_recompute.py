@@ -164,3 +164,13 @@ def test_activation_memory_benchmark_counts_the_saving() -> None:
         sys.path.remove(str(REPO / "benchmarks"))
     row = activation_memory.measure("resnet18", 64, 4, torch.device("cpu"))
     assert row["ratio"] > 1.4 and row["ratio_recompute"] < 1.15, row
+
+
+def test_recompute_is_ignored_with_compile_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from adafilter.training.build import compiled_model
+    from adafilter.training.config import TrainConfig
+
+    cfg = TrainConfig(dataset="d", out="o", compile=True, adafilter={"recompute_pretrained": True})
+    with caplog.at_level("WARNING"):
+        compiled_model(cfg, nn.Linear(2, 2), None)  # torch.compile is lazy: nothing traced
+    assert "recompute_pretrained=True ignored with compile=True" in caplog.text

@@ -78,6 +78,9 @@ def compiled_model(config: TrainConfig, model: nn.Module, graphed: Any) -> nn.Mo
         )
     if graphed is not None:
         logger.warning("cuda_graphs=True ignored with compile=True")
+    if (config.adafilter or {}).get("recompute_pretrained"):
+        # the traced gated layers keep S's output (the graph owns what it saves)
+        logger.warning("recompute_pretrained=True ignored with compile=True")
     return torch.compile(model, backend=config.compile_backend)
 
 
