@@ -409,7 +409,7 @@ class GatedConv2dBN(nn.Module):
                 min_examples=self.bn_min_examples,
                 min_values=self.bn_min_values,
                 capturable=capturable,
-                remake_xs=(x, self._remake_s(x)) if remake else None,
+                remake_xs=(x, self._remake_s(xs)) if remake else None,
             )
         gate = g.to(xf.dtype)[:, :, None, None]  # (B, C, 1, 1)
         z = xs + gate * (xf - xs)  # Eq. 1, then one standard BN
@@ -420,15 +420,16 @@ class GatedConv2dBN(nn.Module):
             )
         return self.bn(z)
 
-    def _remake_s(self, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """S's conv as this forward ran it (same autocast), for the backward to recompute its
-        output from ``x`` instead of keeping it (``recompute_s``)."""
-        device = x.device.type
-        autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    def _remake_s(self, xs: Tensor) -> Callable[[Tensor], Tensor]:
+        """S's conv as this forward ran it, for the backward to recompute its output ``xs``
+        from the input instead of keeping it (``recompute_s``): in ``xs``'s dtype, to which
+        autocast had cast the conv's inputs."""
+        dtype = xs.dtype
 
         def remake(inp: Tensor) -> Tensor:
-            with torch.no_grad(), torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
-                return self._conv(inp, self.conv_s.weight, self.conv_s.bias)
+            w, b = self.conv_s.weight.to(dtype), self.conv_s.bias
+            with torch.no_grad(), torch.autocast(inp.device.type, enabled=False):
+                return self._conv(inp.to(dtype), w, None if b is None else b.to(dtype))
 
         return remake
 

@@ -75,6 +75,7 @@ class ForwardPolicies:
         return g
 
     def _learned(self, index: int, x: Tensor) -> Tensor:
+        """The learned gate's (B, C_out) decisions for layer ``index`` (see :meth:`policy`)."""
         owner, cfg = self.owner, self.owner.config
         # training, no noise, nothing reading the logits: the recurrent gate's step returns the
         # policy itself (Eq. 2, identity straight-through), thresholded in the kernels' launch
