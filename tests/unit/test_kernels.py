@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -224,6 +226,105 @@ def test_kernels_match_eager_under_triton_interpreter() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+_SIG_DTYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.bool: "i1",
+    torch.uint8: "u8",
+    torch.int8: "i8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+
+def _recorded_launches() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
+    """Every kernel variant the wrappers launch (each flag combination), recorded instead of
+    run: ``(kernel, Triton signature, constexprs)``. Patches ``JITFunction.run``: call only in
+    a subprocess."""
+    from triton.runtime.jit import JITFunction
+
+    calls: list[tuple[Any, tuple, dict]] = []
+    JITFunction.run = lambda self, *a, grid, warmup, **kw: calls.append((self, a, kw))
+    x, sel = torch.randn(2, 3, 4, 4), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    for s in (sel, sel > 0.5):  # the policy as 0./1. floats and as bools
+        kernels.plane_stats(x, x, s)
+        kernels.select_affine(x, x, s, torch.ones(2, 3), torch.ones(2, 3))
+        kernels.branch_grads(x, x, x, s, torch.zeros(3, 2, 2, 3))
+    kernels.plane_sums(x, x, x)
+    bns = (nn.BatchNorm2d(3), nn.BatchNorm2d(3))
+    kernels.branch_stats(sel, sel, sel, 16, bns, min_examples=2, min_values=16)
+    use = torch.ones(2, 3, dtype=torch.bool)
+    kernels.branch_coeffs(sel, torch.zeros(5, 2, 3), use, sel, torch.zeros(2, 2, 3))
+    w = [torch.zeros(s) for s in ((3, 8), (8,), (2, 8), (2, 3), (3,))]
+    ones = torch.ones(2, 2)
+    kernels.gate_step(x, None, None, *w, None)
+    kernels.gate_step(x, torch.zeros(3, 3), w[4], *w, (ones, ones))
+    emb, cell, head = nn.Linear(3, 2), nn.LSTMCell(2, 2), nn.Linear(2, 3)
+    packed = kernels.pack_cell(cell).detach()
+    for state in (None, (ones, ones)):
+        for threshold in (False, True):
+            kernels.gate_train_forward(sel, state, emb, packed, head, threshold=threshold)
+        c0 = None if state is None else ones
+        for need in (False, True):
+            grads = (torch.zeros(2, 3), ones, ones)
+            kernels.gate_train_backward(
+                grads, torch.zeros(2, 8), ones, c0, emb, packed, head, need_pooled=need
+            )
+    variants = {}
+    for kernel, args, kwargs in calls:
+        bound = inspect.signature(kernel.fn).bind(*args, **kwargs).arguments
+        sig, constexprs = {}, {}
+        for p in kernel.params:
+            v = bound[p.name]
+            if p.is_constexpr:
+                sig[p.name], constexprs[p.name] = "constexpr", v
+            elif isinstance(v, torch.Tensor):
+                sig[p.name] = "*" + _SIG_DTYPES[v.dtype]
+            elif isinstance(v, bool):
+                sig[p.name] = "i1"
+            else:
+                sig[p.name] = {int: "i32", float: "fp32"}[type(v)]
+        key = (kernel.fn.__name__, *sorted(sig.items()), *sorted(constexprs.items()))
+        variants[key] = (kernel, sig, constexprs)
+    return list(variants.values())
+
+
+def compile_for_cuda(capabilities: tuple[int, ...]) -> None:
+    """Compile every kernel variant to a cubin for these compute capabilities (no GPU needed:
+    Triton's compiler and ptxas), which the interpreter never does: it runs the Python."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    launches = _recorded_launches()
+    names = {k.fn.__name__ for k, _, _ in launches}
+    assert names == {n for n in dir(kernels) if n.endswith("_kernel")}, names  # every kernel
+    for cap in capabilities:
+        for kernel, sig, constexprs in launches:
+            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+            out = triton.compile(src, target=GPUTarget("cuda", cap, 32))
+            assert out.asm["cubin"], (kernel.fn.__name__, cap)
+    print(f"{len(launches)} variants of {len(names)} kernels for {capabilities}")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path) -> None:
+    """Every kernel, in every flag combination the wrappers launch, compiles to a cubin for
+    an A100 (sm_80) and an H100 (sm_90); a fresh cache, so nothing is reused."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    here = Path(__file__).resolve().parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(here)!r}); import test_kernels as t; "
+        "t.compile_for_cuda((80, 90))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "variants of 8 kernels" in proc.stdout
 
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA + Triton")
