@@ -248,18 +248,26 @@ def _recorded_launches() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
 
     calls: list[tuple[Any, tuple, dict]] = []
     JITFunction.run = lambda self, *a, grid, warmup, **kw: calls.append((self, a, kw))
-    x, sel = torch.randn(2, 3, 4, 4), torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
-    for s in (sel, sel > 0.5):  # the policy as 0./1. floats and as bools
-        kernels.plane_stats(x, x, s)
-        kernels.select_affine(x, x, s, torch.ones(2, 3), torch.ones(2, 3))
-        kernels.branch_grads(x, x, x, s, torch.zeros(3, 2, 2, 3))
-    kernels.plane_sums(x, x, x)
+    sel = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    # planes of 16 and 1024 values (the largest block), activations in float32 and, under
+    # autocast, in half precision
+    for size, dtype in ((4, torch.float32), *((32, d) for d in _SIG_DTYPES if d.is_floating_point)):
+        x = torch.randn(2, 3, size, size).to(dtype)
+        for s in (sel, sel > 0.5):  # the policy as 0./1. floats and as bools
+            kernels.plane_stats(x, x, s)
+            kernels.select_affine(x, x, s, torch.ones(2, 3), torch.ones(2, 3))
+            kernels.branch_grads(x, x, x, s, torch.zeros(3, 2, 2, 3))
+        kernels.plane_sums(x, x, x)
+        if dtype != torch.float32:  # the gate's pooled input under autocast
+            emb, cell, head = nn.Linear(3, 2), nn.LSTMCell(2, 2), nn.Linear(2, 3)
+            packed = kernels.pack_cell(cell).detach()
+            kernels.gate_train_forward(sel.to(dtype), None, emb, packed, head, threshold=True)
     bns = (nn.BatchNorm2d(3), nn.BatchNorm2d(3))
     kernels.branch_stats(sel, sel, sel, 16, bns, min_examples=2, min_values=16)
     use = torch.ones(2, 3, dtype=torch.bool)
     kernels.branch_coeffs(sel, torch.zeros(5, 2, 3), use, sel, torch.zeros(2, 2, 3))
     w = [torch.zeros(s) for s in ((3, 8), (8,), (2, 8), (2, 3), (3,))]
-    ones = torch.ones(2, 2)
+    ones, x = torch.ones(2, 2), torch.randn(2, 3, 4, 4)
     kernels.gate_step(x, None, None, *w, None)
     kernels.gate_step(x, torch.zeros(3, 3), w[4], *w, (ones, ones))
     emb, cell, head = nn.Linear(3, 2), nn.LSTMCell(2, 2), nn.Linear(2, 3)
@@ -312,8 +320,10 @@ def compile_for_cuda(capabilities: tuple[int, ...]) -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path) -> None:
-    """Every kernel, in every flag combination the wrappers launch, compiles to a cubin for
-    an A100 (sm_80) and an H100 (sm_90); a fresh cache, so nothing is reused."""
+    """Every kernel, in every flag combination and activation dtype the wrappers launch,
+    compiles to a cubin for an A100 (sm_80) and an H100 (sm_90); a fresh cache, so nothing
+    is reused. Catches what the interpreter accepts (e.g. a loop-carried variable that changes
+    type: checked)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     here = Path(__file__).resolve().parent
     code = (
