@@ -13,6 +13,7 @@ import copy
 import importlib.util
 import inspect
 import os
+import random
 import subprocess
 import sys
 import warnings
@@ -226,6 +227,121 @@ def test_kernels_match_eager_under_triton_interpreter() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _kernel_outputs() -> list[torch.Tensor]:
+    """Everything the kernels write, on inputs that give several programs along every grid
+    axis: 3 x 40 planes of 37 x 37 values (two blocks each; two 32-channel blocks), the gated
+    BN's training forward and backward, the gate's eval step and training step (3 layers,
+    state carried, backward)."""
+    gen = torch.Generator().manual_seed(7)
+    xf = torch.randn(3, 40, 37, 37, generator=gen).requires_grad_(True)
+    xs = (torch.randn(3, 40, 37, 37, generator=gen) + 1).requires_grad_(True)
+    g = (torch.rand(3, 40, generator=gen) > 0.5).float().requires_grad_(True)
+    bn_f, bn_s = _bns(40, "cpu")
+    out = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=True, capturable=True)
+    (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+    outs = [out, xf.grad, xs.grad, g.grad]
+    outs += [t for bn in (bn_f, bn_s) for t in (*bn.buffers(), bn.weight.grad, bn.bias.grad)]
+    torch.manual_seed(5)
+    gate = RecurrentGate([8, 300, 12], [16, 70, 40], embed_dim=6, hidden_dim=5)
+    inputs = [torch.randn(3, c, 5, 4, generator=gen).requires_grad_(True) for c in (8, 300, 12)]
+    packed, state, loss = gate.packed_cell(inputs[0]), None, 0.0
+    for i, x in enumerate(inputs):
+        logits, state = gate.step(i, x, state, packed=packed)
+        loss = loss + (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum()
+        outs += [logits, *state]
+    (loss + state[0].sum()).backward()
+    outs += [p.grad for p in gate.parameters() if p.grad is not None]
+    outs += [x.grad for x in inputs if x.grad is not None]
+    gate.eval()
+    with torch.no_grad():
+        state = None
+        for i, x in enumerate(inputs):
+            logits, state = kernels.gate_step(x, *gate._eval_weights(i), state)
+            outs += [logits, *state]
+    return [t.detach() for t in outs]
+
+
+class _ProgramOrder:
+    """Run the interpreter's programs in another order: each (x, y, z) the grid loop visits
+    is handed a permuted program id, as a GPU may schedule them. ``moved`` counts the ids
+    that changed (proof the patch took effect)."""
+
+    def __init__(self, order: str) -> None:
+        from triton.runtime import interpreter
+
+        self.builder, self.order, self.dims, self.moved = (
+            interpreter.interpreter_builder,
+            order,
+            (1, 1, 1),
+            0,
+        )
+        self.grid = interpreter.GridExecutor
+        self.kernel, self.kernels_moved = "", set()
+
+    def _set_dim(self, x: int, y: int, z: int) -> None:
+        self.dims = (x, y, z)
+        type(self.builder).set_grid_dim(self.builder, x, y, z)
+
+    def _set_idx(self, x: int, y: int, z: int) -> None:
+        _, ny, nz = self.dims
+        n, flat = self.dims[0] * ny * nz, (x * ny + y) * nz + z
+        if self.order == "reversed":
+            to = n - 1 - flat
+        else:  # a fixed pseudo-random permutation of the n programs (never the identity)
+            perm = random.Random(n).sample(range(n), n)
+            to = (perm if perm != sorted(perm) else perm[::-1])[flat]
+        self.moved += to != flat
+        if to != flat:
+            self.kernels_moved.add(self.kernel)
+        type(self.builder).set_grid_idx(self.builder, to // (ny * nz), to // nz % ny, to % nz)
+
+    def __enter__(self) -> _ProgramOrder:
+        self.builder.set_grid_dim, self.builder.set_grid_idx = self._set_dim, self._set_idx
+        call = self.run = self.grid.__call__
+
+        def named(executor: Any, *args: Any, **kwargs: Any) -> None:
+            self.kernel = executor.fn.__name__
+            call(executor, *args, **kwargs)
+
+        self.grid.__call__ = named
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.builder.set_grid_dim, self.builder.set_grid_idx
+        self.grid.__call__ = self.run
+
+
+def program_order_check() -> None:
+    """The kernels' results do not depend on the order their programs run in (bit for bit):
+    no program reads what another writes. The interpreter runs programs one after another in
+    id order, which hides exactly the races a GPU would expose."""
+    assert kernels.interpreted()
+    want = _kernel_outputs()
+    for order in ("reversed", "shuffled"):
+        with _ProgramOrder(order) as patch:
+            got = _kernel_outputs()
+        names = {n for n in dir(kernels) if n.endswith("_kernel")}
+        assert patch.kernels_moved == names, (order, names - patch.kernels_moved)
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert torch.equal(a, b), (order, i, (a - b).abs().max().item())
+    print(f"{len(want)} tensors, bit-identical in reversed and shuffled program order")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernels_do_not_depend_on_program_order() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    here = Path(__file__).resolve().parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(here)!r}); import test_kernels as t; "
+        "t.program_order_check()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bit-identical" in proc.stdout
 
 
 _SIG_DTYPES = {
