@@ -4,9 +4,10 @@
 #   OUT=/tmp/gpu STAGE=compile bash benchmarks/gpu_check.sh   # eager vs torch.compile rows
 # core: 1) the CUDA cases of the test suite (gated BN vs float64, autocast fp16/bf16, fast ==
 # dual path and device subsets, the Triton kernels vs eager, recompute_pretrained, torchrun with
-# two ranks on the GPU; 150 s); 2) benchmarks/speed.py on the GPU, training + memory (200 s) and
-# eval (80 s) as two calls; 3) launches per training step (launch_count.py, 40 s); 4) the eval
-# rows with the Triton kernels off (80 s). 550 s in all. Logs and result files go to $OUT.
+# two ranks on the GPU; 150 s); 2) benchmarks/speed.py on the GPU, training + memory (200 s; each
+# training row also with the kernels off) and eval (80 s) as two calls, rows saved as they
+# finish; 3) launches per training step (launch_count.py, 40 s); 4) the eval rows with the
+# Triton kernels off (80 s). 550 s in all. Logs and result files go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/adafilter-gpu}
 mkdir -p "$OUT"
@@ -44,13 +45,18 @@ import json, sys
 r = {}
 for path in sys.argv[1:]:
     try:
-        r.update(json.load(open(path)))
+        part = json.load(open(path))
     except OSError as exc:
         print(f"missing {path}: {exc}")
+        continue
+    if not part.get("complete"):
+        print(f"{path}: cut short (rows written before the time limit)")
+    r.update(part)
 for t in r.get("train", []):
     rc = f" (recompute {t['ratio_recompute']:.2f}x)" if "ratio_recompute" in t else ""
+    nt = f" (kernels off {t['ratio_no_triton']:.2f}x)" if "ratio_no_triton" in t else ""
     print(f"train {t['arch']}@{t['resolution']} b{t['batch']} {t['autocast']} {t['policy']}: "
-          f"{t['ratio']:.2f}x{rc}")
+          f"{t['ratio']:.2f}x{rc}{nt}")
 for t in r.get("train_cuda_graphs", []):
     print(f"cuda graphs {t.get('arch')} {t.get('policy')}: {t.get('ratio', t.get('error'))}")
 for m in r.get("memory", []):

@@ -32,7 +32,7 @@ from paths import repo_relative
 from torch import nn
 
 from adafilter import AdaFilterConfig, AdaFilterModel, wrap
-from adafilter.layers import cpu_gate
+from adafilter.layers import cpu_gate, kernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -147,6 +147,19 @@ def _train_setup(
     return plain, ada, x, y
 
 
+def _without_kernels(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with the Triton kernels off (``ADAFILTER_TRITON=0`` for one call)."""
+
+    def run() -> None:
+        kernels.ENABLED = False
+        try:
+            fn()
+        finally:
+            kernels.ENABLED = True
+
+    return run
+
+
 def bench_train(
     arch: str,
     res: int,
@@ -171,6 +184,8 @@ def bench_train(
         for layer in again.gated_layers().values():
             layer.recompute_s = True
         fns["adafilter_recompute"] = _train_step_fn(again, x, y, amp)
+    if device.type == "cuda":  # A/B: the eager gated BN and gate step instead of the kernels
+        fns["adafilter_no_triton"] = _without_kernels(_train_step_fn(copy.deepcopy(ada), x, y, amp))
     if device.type == "cpu":  # A/B: each branch's own transposed conv (no fused dL/dx)
         two = copy.deepcopy(ada)
         for layer in two.gated_layers().values():
@@ -515,22 +530,29 @@ def _parse_args() -> argparse.Namespace:
 
 
 def _training_rows(
-    result: dict, only: set[str], big: tuple[str, int], reps: int, device: torch.device
+    result: dict,
+    only: set[str],
+    big: tuple[str, int],
+    reps: int,
+    device: torch.device,
+    flush: Callable[[], None],
 ) -> None:
-    """The ``train``, ``train_cuda_graphs`` and ``memory`` rows ``only`` asks for."""
+    """The ``train``, ``train_cuda_graphs`` and ``memory`` rows ``only`` asks for; ``flush``
+    after each row (a run cut short by a time limit keeps the rows it finished)."""
+    big_batch = 8 if device.type == "cpu" else 64
     if "train" in only:
-        big_batch = 8 if device.type == "cpu" else 64
-        result["train"] = [
-            bench_train(*big, big_batch, reps, device, policy=p, recompute=p == "trained-like")
+        rows = [
+            (*big, big_batch, reps, device, None, p, p == "trained-like")
             for p in ("init", "trained-like", "random")
-        ] + [bench_train("resnet18", 64, 32, reps, device, policy=p) for p in ("init", "random")]
+        ] + [("resnet18", 64, 32, reps, device, None, p) for p in ("init", "random")]
         if device.type == "cuda":  # what a GPU user runs: bf16 autocast
-            result["train"] += [
-                bench_train(*big, big_batch, reps, device, torch.bfloat16),
-                bench_train("resnet18", 64, 32, reps, device, torch.bfloat16),
-            ]
+            rows += [(*big, big_batch, reps, device, torch.bfloat16)]
+            rows += [("resnet18", 64, 32, reps, device, torch.bfloat16)]
+        result["train"] = []
+        for row in rows:
+            result["train"].append(bench_train(*row))
+            flush()
     if "graphs" in only and device.type == "cuda":
-        big_batch = 64
         result["train_cuda_graphs"] = []
         for args_ in (
             # (random-policy mode draws on the host each layer: it cannot be captured)
@@ -542,11 +564,12 @@ def _training_rows(
                 result["train_cuda_graphs"].append(bench_train_graphed(*args_))
             except Exception as exc:  # report, keep the other measurements
                 result["train_cuda_graphs"].append({"args": list(args_[:2]), "error": repr(exc)})
+            flush()
     if "memory" in only:
-        result["memory"] = [
-            bench_memory(*big, 8 if device.type == "cpu" else 64, device),
-            bench_memory("resnet18", 64, 32, device),
-        ]
+        result["memory"] = []
+        for size in ((*big, big_batch), ("resnet18", 64, 32)):
+            result["memory"].append(bench_memory(*size, device))
+            flush()
 
 
 def _inference_rows(
@@ -556,19 +579,23 @@ def _inference_rows(
     reps: int,
     device: torch.device,
     args: argparse.Namespace,
+    flush: Callable[[], None],
 ) -> None:
-    """The ``eval_batch1``, ``eval_batch32``, compile and trained-run rows ``only`` asks for."""
+    """The ``eval_batch1``, ``eval_batch32``, compile and trained-run rows ``only`` asks for;
+    ``flush`` after each section."""
     kernel = device.type == "cpu" and ensure_cpu_gate()  # the default CPU inference path
     if "eval1" in only:
         result["eval_batch1"] = bench_eval(
             *big, 1, reps * 3, device, args.checkpoint, "trained-like"
         )
         result["eval_batch1"]["cpu_gate_kernel"] = kernel
+        flush()
     if "eval32" in only:
         result["eval_batch32"] = [
             bench_eval(*big, 32, reps, device, args.checkpoint, p)
             for p in (("checkpoint",) if args.checkpoint else ("trained-like",)) + ("random",)
         ]
+        flush()
     if "compile" in only:  # eager vs torch.compile (issue 14); not in the default --only
         arch, r, b = (args.compile_size or f"resnet18,{32 if args.quick else 64},8").split(",")
         size = (arch, int(r), int(b))
@@ -586,6 +613,7 @@ def _inference_rows(
                 bench_compiled(*size, reps, device, mode, "trained-like", "reduce-overhead")
                 for mode in ("train", "eval")
             ]
+        flush()
     if args.trained_run:
         only.add("trained")
         result["eval_trained_runs"] = [
@@ -630,12 +658,17 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-    _training_rows(result, only, big, reps, device)
-    _inference_rows(result, only, big, reps, device, args)
-    text = json.dumps(repo_relative(result), indent=2)
-    print(text)
-    if not args.no_save:
-        _save(text, quick=args.quick, only=only, device=device, out=args.out)
+
+    def flush(complete: bool = False) -> None:  # the rows so far, marked incomplete
+        if not args.no_save:
+            text = json.dumps(repo_relative({**result, "complete": complete}), indent=2)
+            _save(text, quick=args.quick, only=only, device=device, out=args.out)
+
+    _training_rows(result, only, big, reps, device, flush)
+    _inference_rows(result, only, big, reps, device, args, flush)
+    result["complete"] = True
+    print(json.dumps(repo_relative(result), indent=2))
+    flush(complete=True)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # a subprocess benchmark run
 
 
-def test_speed_benchmark_quick_prints_every_ratio() -> None:
+def test_speed_benchmark_quick_prints_every_ratio(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    out = tmp_path / "speed.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--no-save"]
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out)]
         + ["--reps", "1", "--only", "train,eval1,eval32"],
         capture_output=True,
         text=True,
@@ -28,6 +29,7 @@ def test_speed_benchmark_quick_prints_every_ratio() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
     assert {"torch", "threads", "cpu", "device"} <= set(r)
+    assert r["complete"] and json.loads(out.read_text()) == r  # rows saved as they finish
     policies = [t["policy"] for t in r["train"]]
     assert policies == ["init", "trained-like", "random", "init", "random"]
     for t in r["train"]:
@@ -42,3 +44,23 @@ def test_speed_benchmark_quick_prints_every_ratio() -> None:
     assert r["eval_batch1"]["fast_vs_plain"] > 0
     assert [e["policy"] for e in r["eval_batch32"]] == ["trained-like", "random"]
     assert r["eval_batch32"][1]["computed_vs_plain"] > 1.9  # random: both banks needed
+
+
+def test_speed_benchmark_turns_the_kernels_off_for_one_call_only() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import speed
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from adafilter.layers import kernels
+
+    seen = []
+    speed._without_kernels(lambda: seen.append(kernels.ENABLED))()
+    assert seen == [False] and kernels.ENABLED
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        speed._without_kernels(fail)()
+    assert kernels.ENABLED
