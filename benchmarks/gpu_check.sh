@@ -55,6 +55,8 @@ for path in sys.argv[1:]:
 for t in r.get("train", []):
     rc = f" (recompute {t['ratio_recompute']:.2f}x)" if "ratio_recompute" in t else ""
     nt = f" (kernels off {t['ratio_no_triton']:.2f}x)" if "ratio_no_triton" in t else ""
+    if "ratio_eager_gate" in t:
+        nt += f" (gate kernels off {t['ratio_eager_gate']:.2f}x)"
     print(f"train {t['arch']}@{t['resolution']} b{t['batch']} {t['autocast']} {t['policy']}: "
           f"{t['ratio']:.2f}x{rc}{nt}")
 for t in r.get("train_cuda_graphs", []):

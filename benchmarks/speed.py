@@ -186,6 +186,10 @@ def bench_train(
         fns["adafilter_recompute"] = _train_step_fn(again, x, y, amp)
     if device.type == "cuda":  # A/B: the eager gated BN and gate step instead of the kernels
         fns["adafilter_no_triton"] = _without_kernels(_train_step_fn(copy.deepcopy(ada), x, y, amp))
+        if recompute:  # ... and the gate's step alone (the gated BN's kernels kept)
+            eager_gate = copy.deepcopy(ada)
+            eager_gate.gate._kernel_step = lambda x: False  # the ATen step, as on CPU
+            fns["adafilter_eager_gate"] = _train_step_fn(eager_gate, x, y, amp)
     if device.type == "cpu":  # A/B: each branch's own transposed conv (no fused dL/dx)
         two = copy.deepcopy(ada)
         for layer in two.gated_layers().values():
