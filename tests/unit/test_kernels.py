@@ -231,18 +231,20 @@ def test_kernels_match_eager_under_triton_interpreter() -> None:
 
 def _kernel_outputs() -> list[torch.Tensor]:
     """Everything the kernels write, on inputs that give several programs along every grid
-    axis: 3 x 40 planes of 37 x 37 values (two blocks each; two 32-channel blocks), the gated
-    BN's training forward and backward, the gate's eval step and training step (3 layers,
-    state carried, backward)."""
+    axis: the gated BN's training forward and backward on 3 x 40 planes of 37 x 37 values (two
+    blocks each, one plane a program; two 32-channel blocks) and of 5 x 5 values (32 planes a
+    program), the gate's eval step and training step (3 layers, state carried, backward)."""
     gen = torch.Generator().manual_seed(7)
-    xf = torch.randn(3, 40, 37, 37, generator=gen).requires_grad_(True)
-    xs = (torch.randn(3, 40, 37, 37, generator=gen) + 1).requires_grad_(True)
-    g = (torch.rand(3, 40, generator=gen) > 0.5).float().requires_grad_(True)
-    bn_f, bn_s = _bns(40, "cpu")
-    out = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=True, capturable=True)
-    (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
-    outs = [out, xf.grad, xs.grad, g.grad]
-    outs += [t for bn in (bn_f, bn_s) for t in (*bn.buffers(), bn.weight.grad, bn.bias.grad)]
+    outs = []
+    for size in (37, 5):
+        xf = torch.randn(3, 40, size, size, generator=gen).requires_grad_(True)
+        xs = (torch.randn(3, 40, size, size, generator=gen) + 1).requires_grad_(True)
+        g = (torch.rand(3, 40, generator=gen) > 0.5).float().requires_grad_(True)
+        bn_f, bn_s = _bns(40, "cpu")
+        out = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=True, capturable=True)
+        (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+        outs += [out, xf.grad, xs.grad, g.grad]
+        outs += [t for bn in (bn_f, bn_s) for t in (*bn.buffers(), bn.weight.grad, bn.bias.grad)]
     torch.manual_seed(5)
     gate = RecurrentGate([8, 300, 12], [16, 70, 40], embed_dim=6, hidden_dim=5)
     inputs = [torch.randn(3, c, 5, 4, generator=gen).requires_grad_(True) for c in (8, 300, 12)]

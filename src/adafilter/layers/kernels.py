@@ -139,75 +139,102 @@ if triton is not None:
         return (tl.load(sel_ptr + plane).to(tl.float32) > 0.5).to(tl.int32)
 
     @triton.jit
+    def _plane_tile(sel_ptr, n, PLANES: tl.constexpr):  # pragma: no cover - compiled by Triton
+        """This program's PLANES planes (of ``n``), their in-range mask, and 1 where a plane is
+        routed to F else 0 (an int: a comparison's own mask type does not combine with block
+        masks under the interpreter)."""
+        planes = tl.program_id(0) * PLANES + tl.arange(0, PLANES)
+        pm = planes < n
+        take = (tl.load(sel_ptr + planes, mask=pm, other=0).to(tl.float32) > 0.5).to(tl.int32)
+        return planes, pm, take
+
+    @triton.jit
     def _plane_stats_kernel(
-        xf_ptr, xs_ptr, sel_ptr, mean_ptr, var_ptr, hw, BLOCK: tl.constexpr
+        xf_ptr, xs_ptr, sel_ptr, mean_ptr, var_ptr, hw, n, BLOCK: tl.constexpr, PLANES: tl.constexpr
     ):  # pragma: no cover - compiled by Triton
-        plane = tl.program_id(0)
-        take = _taken(sel_ptr, plane)
-        take_f = take != 0
-        take_s = take == 0
-        base = plane.to(tl.int64) * hw
-        offs = tl.arange(0, BLOCK)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        planes, pm, take = _plane_tile(sel_ptr, n, PLANES)
+        take_f = (take != 0)[:, None]
+        take_s = (take == 0)[:, None]
+        base = planes.to(tl.int64)[:, None] * hw  # (PLANES, 1)
+        offs = tl.arange(0, BLOCK)[None, :]
+        acc = tl.zeros([PLANES, BLOCK], dtype=tl.float32)
         for start in range(0, hw, BLOCK):
             idx = start + offs
-            inside = idx < hw
+            inside = (idx < hw) & pm[:, None]
             # masked loads: only the selected branch's plane is read from memory (Eq. 1)
             a = tl.load(xf_ptr + base + idx, mask=inside & take_f, other=0.0).to(tl.float32)
             b = tl.load(xs_ptr + base + idx, mask=inside & take_s, other=0.0)
             acc += a + b.to(tl.float32)
-        mean = tl.sum(acc, axis=0) / hw
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        mean = tl.sum(acc, axis=1) / hw  # (PLANES,)
+        acc = tl.zeros([PLANES, BLOCK], dtype=tl.float32)
         for start in range(0, hw, BLOCK):  # second pass: sum of squared deviations
             idx = start + offs
-            inside = idx < hw
+            inside = (idx < hw) & pm[:, None]
             a = tl.load(xf_ptr + base + idx, mask=inside & take_f, other=0.0).to(tl.float32)
             b = tl.load(xs_ptr + base + idx, mask=inside & take_s, other=0.0)
-            d = tl.where(inside, a + b.to(tl.float32) - mean, 0.0)
+            d = tl.where(inside, a + b.to(tl.float32) - mean[:, None], 0.0)
             acc += d * d
-        tl.store(mean_ptr + plane, mean)
-        tl.store(var_ptr + plane, tl.sum(acc, axis=0) / hw)
+        tl.store(mean_ptr + planes, mean, mask=pm)
+        tl.store(var_ptr + planes, tl.sum(acc, axis=1) / hw, mask=pm)
 
     @triton.jit
     def _select_affine_kernel(
-        xf_ptr, xs_ptr, sel_ptr, scale_ptr, shift_ptr, out_ptr, hw, C, BLOCK: tl.constexpr
+        xf_ptr,
+        xs_ptr,
+        sel_ptr,
+        scale_ptr,
+        shift_ptr,
+        out_ptr,
+        hw,
+        C,
+        n,
+        BLOCK: tl.constexpr,
+        PLANES: tl.constexpr,
     ):  # pragma: no cover - compiled by Triton
-        plane = tl.program_id(0)
-        take = _taken(sel_ptr, plane)
+        planes, pm, take = _plane_tile(sel_ptr, n, PLANES)
         take_f = take != 0
-        take_s = take == 0
         # the routed branch's affine map: row 0 (F) or 1 (S) of the (2, C) scale and shift
-        at = tl.where(take_f, 0, C) + plane % C
-        scale = tl.load(scale_ptr + at)
-        shift = tl.load(shift_ptr + at)
-        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = idx < hw
-        ptr = plane.to(tl.int64) * hw + idx
-        a = tl.load(xf_ptr + ptr, mask=inside & take_f, other=0.0).to(tl.float32)
-        b = tl.load(xs_ptr + ptr, mask=inside & take_s, other=0.0).to(tl.float32)
+        at = tl.where(take_f, 0, C) + planes % C
+        scale = tl.load(scale_ptr + at, mask=pm, other=0.0)[:, None]
+        shift = tl.load(shift_ptr + at, mask=pm, other=0.0)[:, None]
+        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+        inside = (idx < hw) & pm[:, None]
+        ptr = planes.to(tl.int64)[:, None] * hw + idx  # (PLANES, BLOCK)
+        a = tl.load(xf_ptr + ptr, mask=inside & take_f[:, None], other=0.0).to(tl.float32)
+        b = tl.load(xs_ptr + ptr, mask=inside & (take == 0)[:, None], other=0.0).to(tl.float32)
         y = (a + b) * scale + shift  # Eq. 5 with the selected branch's BN as an affine map
         tl.store(out_ptr + ptr, y.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _plane_sums_kernel(
-        dy_ptr, xf_ptr, xs_ptr, a_ptr, pf_ptr, ps_ptr, hw, BLOCK: tl.constexpr
+        dy_ptr,
+        xf_ptr,
+        xs_ptr,
+        a_ptr,
+        pf_ptr,
+        ps_ptr,
+        hw,
+        n,
+        BLOCK: tl.constexpr,
+        PLANES: tl.constexpr,
     ):  # pragma: no cover - compiled by Triton
-        plane = tl.program_id(0)
-        base = plane.to(tl.int64) * hw
-        offs = tl.arange(0, BLOCK)
-        acc_a = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_f = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+        planes = tl.program_id(0) * PLANES + tl.arange(0, PLANES)
+        pm = planes < n
+        base = planes.to(tl.int64)[:, None] * hw
+        offs = tl.arange(0, BLOCK)[None, :]
+        acc_a = tl.zeros([PLANES, BLOCK], dtype=tl.float32)
+        acc_f = tl.zeros([PLANES, BLOCK], dtype=tl.float32)
+        acc_s = tl.zeros([PLANES, BLOCK], dtype=tl.float32)
         for start in range(0, hw, BLOCK):  # one pass over dy, F(x), S(x)
             idx = start + offs
-            inside = idx < hw
+            inside = (idx < hw) & pm[:, None]
             d = tl.load(dy_ptr + base + idx, mask=inside, other=0.0).to(tl.float32)
             acc_a += d
             acc_f += d * tl.load(xf_ptr + base + idx, mask=inside, other=0.0).to(tl.float32)
             acc_s += d * tl.load(xs_ptr + base + idx, mask=inside, other=0.0).to(tl.float32)
-        tl.store(a_ptr + plane, tl.sum(acc_a, axis=0))
-        tl.store(pf_ptr + plane, tl.sum(acc_f, axis=0))
-        tl.store(ps_ptr + plane, tl.sum(acc_s, axis=0))
+        tl.store(a_ptr + planes, tl.sum(acc_a, axis=1), mask=pm)
+        tl.store(pf_ptr + planes, tl.sum(acc_f, axis=1), mask=pm)
+        tl.store(ps_ptr + planes, tl.sum(acc_s, axis=1), mask=pm)
 
     @triton.jit
     def _branch_grads_kernel(
@@ -219,32 +246,29 @@ if triton is not None:
         dxf_ptr,
         dxs_ptr,
         hw,
-        planes,
+        n,
         BLOCK: tl.constexpr,
+        PLANES: tl.constexpr,
     ):  # pragma: no cover - compiled by Triton
-        plane = tl.program_id(0)
-        take = _taken(sel_ptr, plane)
+        planes, pm, take = _plane_tile(sel_ptr, n, PLANES)
         take_f = take != 0
         # coefficients of the routed branch: k[j, r, plane], j = k1, k2, k3, r = F / S
-        r = tl.where(take_f, 0, 1)
-        k1 = tl.load(k_ptr + (0 * 2 + r) * planes + plane)
-        k2 = tl.load(k_ptr + (1 * 2 + r) * planes + plane)
-        k3 = tl.load(k_ptr + (2 * 2 + r) * planes + plane)
-        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = idx < hw
-        ptr = plane.to(tl.int64) * hw + idx
+        at = tl.where(take_f, 0, 1) * n + planes
+        k1 = tl.load(k_ptr + at, mask=pm, other=0.0)[:, None]
+        k2 = tl.load(k_ptr + 2 * n + at, mask=pm, other=0.0)[:, None]
+        k3 = tl.load(k_ptr + 4 * n + at, mask=pm, other=0.0)[:, None]
+        idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+        inside = (idx < hw) & pm[:, None]
+        ptr = planes.to(tl.int64)[:, None] * hw + idx  # (PLANES, BLOCK)
         d = tl.load(dy_ptr + ptr, mask=inside, other=0.0).to(tl.float32)
         # only the routed branch's input is read; the other branch's gradient is zero
-        a = tl.load(xf_ptr + ptr, mask=inside & take_f, other=0.0).to(tl.float32)
-        b = tl.load(xs_ptr + ptr, mask=inside & (take == 0), other=0.0).to(tl.float32)
+        to_f = take_f[:, None]
+        a = tl.load(xf_ptr + ptr, mask=inside & to_f, other=0.0).to(tl.float32)
+        b = tl.load(xs_ptr + ptr, mask=inside & (take == 0)[:, None], other=0.0).to(tl.float32)
         dx = k1 * d + k2 * (a + b) + k3  # BN backward of the routed branch (Eq. 5)
-        zero = tl.zeros([BLOCK], dtype=tl.float32)
-        tl.store(
-            dxf_ptr + ptr, tl.where(take_f, dx, zero).to(dxf_ptr.dtype.element_ty), mask=inside
-        )
-        tl.store(
-            dxs_ptr + ptr, tl.where(take_f, zero, dx).to(dxs_ptr.dtype.element_ty), mask=inside
-        )
+        zero = tl.zeros([PLANES, BLOCK], dtype=tl.float32)
+        tl.store(dxf_ptr + ptr, tl.where(to_f, dx, zero).to(dxf_ptr.dtype.element_ty), mask=inside)
+        tl.store(dxs_ptr + ptr, tl.where(to_f, zero, dx).to(dxs_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _dot_rows(
@@ -661,6 +685,20 @@ def _routing(sel: Tensor) -> Tensor:
     return sel.view(torch.uint8) if sel.dtype == torch.bool else sel
 
 
+def _tiles(n: int, hw: int) -> tuple[int, int, tuple[int, int]]:
+    """How the per-plane kernels cover ``n`` planes of ``hw`` values: ``(BLOCK, PLANES, grid)``.
+
+    Planes are read in blocks of up to ``_BLOCK`` values; the grid's second axis splits a plane
+    for the kernels that do not loop over it (the others take ``grid[:1]``). Smaller planes go
+    ``PLANES`` to a program, so that every program handles about ``_BLOCK`` values: a 7 x 7
+    plane alone would leave most of a program idle, and a late ResNet-50 layer at batch 64 has
+    ~130k of them.
+    """
+    block = min(_BLOCK, triton.next_power_of_2(hw))
+    planes = min(_BLOCK // block, triton.next_power_of_2(n))
+    return block, planes, (triton.cdiv(n, planes), triton.cdiv(hw, block))
+
+
 def plane_stats(xf: Tensor, xs: Tensor, sel: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and biased variance (float32, (B, C) each) of ``where(sel, xf, xs)``'s planes.
 
@@ -674,9 +712,9 @@ def plane_stats(xf: Tensor, xs: Tensor, sel: Tensor) -> tuple[Tensor, Tensor]:
     xf, xs, sel = xf.contiguous(), xs.contiguous(), _routing(sel)
     mean = torch.empty(b, c, device=xf.device, dtype=torch.float32)
     var = torch.empty_like(mean)
-    hw = h * w
-    block = min(_BLOCK, triton.next_power_of_2(hw))
-    _plane_stats_kernel[(b * c,)](xf, xs, sel, mean, var, hw, BLOCK=block)
+    block, planes, grid = _tiles(b * c, h * w)
+    args = (xf, xs, sel, mean, var, h * w, b * c)
+    _plane_stats_kernel[grid[:1]](*args, BLOCK=block, PLANES=planes)
     return mean, var
 
 
@@ -697,12 +735,11 @@ def select_affine(xf: Tensor, xs: Tensor, sel: Tensor, scale: Tensor, shift: Ten
         raise ValueError(f"need scale, shift (2, {c}), got {scale.shape}, {shift.shape}")
     xf, xs, sel = xf.contiguous(), xs.contiguous(), _routing(sel)
     out = torch.empty_like(xf)
-    hw = h * w
-    block = min(_BLOCK, triton.next_power_of_2(hw))
     scale = scale.to(torch.float32).contiguous()
     shift = shift.to(torch.float32).contiguous()
-    grid = (b * c, triton.cdiv(hw, block))
-    _select_affine_kernel[grid](xf, xs, sel, scale, shift, out, hw, c, BLOCK=block)
+    block, planes, grid = _tiles(b * c, h * w)
+    args = (xf, xs, sel, scale, shift, out, h * w, c, b * c)
+    _select_affine_kernel[grid](*args, BLOCK=block, PLANES=planes)
     return out
 
 
@@ -721,9 +758,9 @@ def plane_sums(dy: Tensor, xf: Tensor, xs: Tensor) -> tuple[Tensor, Tensor]:
     dy, xf, xs = dy.contiguous(), xf.contiguous(), xs.contiguous()
     a = torch.empty(b, c, device=dy.device, dtype=torch.float32)
     p = torch.empty(2, b, c, device=dy.device, dtype=torch.float32)
-    hw = h * w
-    block = min(_BLOCK, triton.next_power_of_2(hw))
-    _plane_sums_kernel[(b * c,)](dy, xf, xs, a, p[0], p[1], hw, BLOCK=block)
+    block, planes, grid = _tiles(b * c, h * w)
+    args = (dy, xf, xs, a, p[0], p[1], h * w, b * c)
+    _plane_sums_kernel[grid[:1]](*args, BLOCK=block, PLANES=planes)
     return a, p
 
 
@@ -751,10 +788,9 @@ def branch_grads(
     dy, xf, xs, sel = dy.contiguous(), xf.contiguous(), xs.contiguous(), _routing(sel)
     k = k.to(torch.float32).contiguous()
     dxf, dxs = torch.empty_like(dy), torch.empty_like(dy)
-    hw = h * w
-    block = min(_BLOCK, triton.next_power_of_2(hw))
-    grid = (b * c, triton.cdiv(hw, block))
-    _branch_grads_kernel[grid](dy, xf, xs, sel, k, dxf, dxs, hw, b * c, BLOCK=block)
+    block, planes, grid = _tiles(b * c, h * w)
+    args = (dy, xf, xs, sel, k, dxf, dxs, h * w, b * c)
+    _branch_grads_kernel[grid](*args, BLOCK=block, PLANES=planes)
     return dxf, dxs
 
 
