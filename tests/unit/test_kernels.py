@@ -212,21 +212,27 @@ def _compare_model_step(device: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.slow  # the interpreter runs each program in Python (~30 s of CPU here)
-@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-def test_kernels_match_eager_under_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+def _in_subprocess(call: str, **env: str) -> str:
+    """Run ``test_kernels.<call>`` in a fresh interpreter with ``env`` (Triton reads its mode
+    at import); its stdout. The interpreter mode skips where it cannot be imported."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    if env.get("TRITON_INTERPRET") == "1":
+        probe = "import triton.language; from adafilter.layers import kernels; print('ok')"
+        if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode:
+            pytest.skip("Triton's interpreter cannot be imported here")
     here = Path(__file__).resolve().parent
-    probe = "import triton.language; from adafilter.layers import kernels; print('ok')"
-    if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode:
-        pytest.skip("Triton's interpreter cannot be imported here")
-    code = (
-        f"import sys; sys.path.insert(0, {str(here)!r}); import test_kernels as t; t.compare('cpu')"
-    )
+    code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_kernels as t; t.{call}"
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow  # the interpreter runs each program in Python (~30 s of CPU here)
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_kernels_match_eager_under_triton_interpreter() -> None:
+    _in_subprocess("compare('cpu')", TRITON_INTERPRET="1")
 
 
 def _kernel_outputs() -> list[torch.Tensor]:
@@ -333,17 +339,7 @@ def program_order_check() -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernels_do_not_depend_on_program_order() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    here = Path(__file__).resolve().parent
-    code = (
-        f"import sys; sys.path.insert(0, {str(here)!r}); import test_kernels as t; "
-        "t.program_order_check()"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "bit-identical" in proc.stdout
+    assert "bit-identical" in _in_subprocess("program_order_check()", TRITON_INTERPRET="1")
 
 
 _SIG_DTYPES = {
@@ -442,17 +438,10 @@ def test_kernels_compile_for_cuda_without_a_gpu(tmp_path: Path) -> None:
     compiles to a cubin for an A100 (sm_80) and an H100 (sm_90); a fresh cache, so nothing
     is reused. Catches what the interpreter accepts (e.g. a loop-carried variable that changes
     type: checked)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
-    here = Path(__file__).resolve().parent
-    code = (
-        f"import sys; sys.path.insert(0, {str(here)!r}); import test_kernels as t; "
-        "t.compile_for_cuda((80, 90))"
+    out = _in_subprocess(
+        "compile_for_cuda((80, 90))", TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path)
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "variants of 8 kernels" in proc.stdout
+    assert "variants of 8 kernels" in out
 
 
 @pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA + Triton")
