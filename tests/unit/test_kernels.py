@@ -363,8 +363,8 @@ def _recorded_launches() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
     calls: list[tuple[Any, tuple, dict]] = []
     JITFunction.run = lambda self, *a, grid, warmup, **kw: calls.append((self, a, kw))
     sel = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
-    # planes of 16 and 1024 values (the largest block), activations in float32 and, under
-    # autocast, in half precision
+    # planes of 16 and 1024 values (the largest block; 8 and 1 planes to a program),
+    # activations in float32 and, under autocast, in half precision
     for size, dtype in ((4, torch.float32), *((32, d) for d in _SIG_DTYPES if d.is_floating_point)):
         x = torch.randn(2, 3, size, size).to(dtype)
         for s in (sel, sel > 0.5):  # the policy as 0./1. floats and as bools
@@ -376,6 +376,11 @@ def _recorded_launches() -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
             emb, cell, head = nn.Linear(3, 2), nn.LSTMCell(2, 2), nn.Linear(2, 3)
             packed = kernels.pack_cell(cell).detach()
             kernels.gate_train_forward(sel.to(dtype), None, emb, packed, head, threshold=True)
+    x, s = torch.randn(2, 64, 7, 7), torch.rand(2, 64) > 0.5  # full tiles: 16 planes of 7 x 7
+    kernels.plane_stats(x, x, s)
+    kernels.select_affine(x, x, s, torch.ones(2, 64), torch.ones(2, 64))
+    kernels.plane_sums(x, x, x)
+    kernels.branch_grads(x, x, x, s, torch.zeros(3, 2, 2, 64))
     bns = (nn.BatchNorm2d(3), nn.BatchNorm2d(3))
     kernels.branch_stats(sel, sel, sel, 16, bns, min_examples=2, min_values=16)
     use = torch.ones(2, 3, dtype=torch.bool)
