@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torchvision
@@ -38,21 +39,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def ensure_cpu_gate() -> bool:
-    """Build the compiled CPU gate in the foreground where it is missing, so that a timing
-    measures the default inference path from its first repetition (inference itself would
-    start the build in the background, landing mid-measurement). ``False`` where it is
-    turned off (``ADAFILTER_CPU_GATE=0``; ``prebuilt``: only a kernel built before is used)
-    or cannot be built (the ATen step is measured)."""
-    may_build, cpu_gate.AUTO_BUILD = cpu_gate.AUTO_BUILD, False
-    if not cpu_gate.ENABLED:
-        return False
-    if cpu_gate.get() is None and may_build:
-        try:
-            cpu_gate.build()
-        except RuntimeError as exc:
-            print(f"warning: {exc}", file=sys.stderr)
-            return False
-    return cpu_gate.get() is not None
+    """Build the compiled CPU code in the foreground where it is missing, so that a timing
+    measures the default path from its first repetition (inference itself would start the
+    build in the background, landing mid-measurement), and start no build later. ``False``
+    where it is turned off (``ADAFILTER_CPU_GATE=0``; ``prebuilt``: only a kernel built before
+    is used) or cannot be built (the ATen path is measured)."""
+    module = cpu_gate.ensure(say=lambda text: print(text, file=sys.stderr))
+    cpu_gate.AUTO_BUILD = False
+    return module is not None
 
 
 def _cpu_model() -> str:
@@ -147,15 +141,16 @@ def _train_setup(
     return plain, ada, x, y
 
 
-def _without_kernels(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` with the Triton kernels off (``ADAFILTER_TRITON=0`` for one call)."""
+def _without(switch: ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with ``switch.ENABLED`` off for the call: the Triton kernels (:mod:`kernels`,
+    ``ADAFILTER_TRITON=0``) or the compiled CPU code (:mod:`cpu_gate`, ``ADAFILTER_CPU_GATE=0``)."""
 
     def run() -> None:
-        kernels.ENABLED = False
+        switch.ENABLED = False
         try:
             fn()
         finally:
-            kernels.ENABLED = True
+            switch.ENABLED = True
 
     return run
 
@@ -185,11 +180,17 @@ def bench_train(
             layer.recompute_s = True
         fns["adafilter_recompute"] = _train_step_fn(again, x, y, amp)
     if device.type == "cuda":  # A/B: the eager gated BN and gate step instead of the kernels
-        fns["adafilter_no_triton"] = _without_kernels(_train_step_fn(copy.deepcopy(ada), x, y, amp))
+        fns["adafilter_no_triton"] = _without(
+            kernels, _train_step_fn(copy.deepcopy(ada), x, y, amp)
+        )
         if recompute:  # ... and the gate's step alone (the gated BN's kernels kept)
             eager_gate = copy.deepcopy(ada)
             eager_gate.gate._kernel_step = lambda x: False  # the ATen step, as on CPU
             fns["adafilter_eager_gate"] = _train_step_fn(eager_gate, x, y, amp)
+    if device.type == "cpu" and cpu_gate.get() is not None:  # A/B: the gated BN's ATen passes
+        fns["adafilter_eager_bn"] = _without(
+            cpu_gate, _train_step_fn(copy.deepcopy(ada), x, y, amp)
+        )
     if device.type == "cpu":  # A/B: each branch's own transposed conv (no fused dL/dx)
         two = copy.deepcopy(ada)
         for layer in two.gated_layers().values():
@@ -668,6 +669,8 @@ def main() -> None:
             text = json.dumps(repo_relative({**result, "complete": complete}), indent=2)
             _save(text, quick=args.quick, only=only, device=device, out=args.out)
 
+    if device.type == "cpu":  # the default CPU path (compiled gated BN and gate) throughout
+        result["cpu_kernels"] = ensure_cpu_gate()
     _training_rows(result, only, big, reps, device, flush)
     _inference_rows(result, only, big, reps, device, args, flush)
     result["complete"] = True

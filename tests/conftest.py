@@ -11,6 +11,7 @@ are deselected there and run by ``make test-all``.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
@@ -23,7 +24,8 @@ import pytest
 if os.environ.get("ADAFILTER_CPU_GATE") != "0":
     os.environ["ADAFILTER_CPU_GATE"] = "prebuilt"
 
-from helpers import (
+from adafilter.layers import cpu_gate  # noqa: E402 - after the setting above
+from helpers import (  # noqa: E402
     SHARED_CIFAR_WEIGHTS,
     SHARED_OMNIGLOT,
     Handler,
@@ -99,3 +101,32 @@ def server() -> Iterator[tuple[str, ServerState]]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def has_toolchain() -> bool:
+    """A C++ compiler and ninja: what building the compiled CPU code needs."""
+    return shutil.which("c++") is not None and shutil.which("ninja") is not None
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """The compiled CPU code (:mod:`adafilter.layers.cpu_gate`), built for the slow tests of
+    the module that asks for it, in a fresh cache, the way inference builds it: get() starts
+    the background build, and picks up its library."""
+    if not has_toolchain():
+        pytest.skip("needs a C++ compiler and ninja")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAFILTER_HOME", str(tmp_path_factory.mktemp("kernels")))
+        for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
+            mp.setattr(cpu_gate, name, value)
+        mp.setattr(cpu_gate, "ENABLED", True)
+        mp.setattr(cpu_gate, "AUTO_BUILD", True)
+        mp.setattr(cpu_gate, "LOOK_EVERY_S", 0.0)
+        with pytest.warns(UserWarning, match="in the background"):
+            assert cpu_gate.get() is None
+        builder = cpu_gate._builder
+        assert builder is not None
+        assert builder.wait(timeout=600) == 0, cpu_gate.build_directory() / "build.log"
+        module = cpu_gate.get()
+        assert module is not None
+        yield module

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -227,23 +228,30 @@ def test_kill9_mid_epoch_then_resume_matches_uninterrupted(tiny: dict, tmp_path:
     assert json.loads(lines[0])["test_acc"] == b[-1]["test_acc"]
 
 
-def test_training_starts_no_kernel_build(
-    tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("method", ["adafilter", "finetune"])
+def test_training_builds_the_cpu_code_first_and_nothing_beside_it(
+    tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
-    """Evaluation inside training does not start the background build of the compiled CPU
-    code (it would skew the run's throughput); the first inference afterwards does."""
+    """A CPU run of a gated method compiles the CPU code in the foreground before training
+    where it is missing (its gated BN passes speed training up; fine-tuning needs none), and
+    evaluation inside training starts no background build (it would skew the run's
+    throughput); the first inference afterwards does."""
     from adafilter.layers import cpu_gate
 
     started: list[int] = []
+    built: list[int] = []
     monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path / "home"))
     for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
         monkeypatch.setattr(cpu_gate, name, value)
     monkeypatch.setattr(cpu_gate, "ENABLED", True)
     monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
+    monkeypatch.setattr(cpu_gate, "shutil", SimpleNamespace(which=lambda name: "/bin/" + name))
+    monkeypatch.setattr(cpu_gate, "_ninja", lambda: True)
+    monkeypatch.setattr(cpu_gate, "build", lambda **kw: built.append(1))  # builds nothing
     monkeypatch.setattr(cpu_gate, "_build_in_background", lambda: started.append(1) or True)
-    out = tmp_path / "ada"
-    assert main(train_args(tiny["data"], out, "adafilter", "--epochs", "1", "--quiet")) == 0
-    assert not started
+    out = tmp_path / "run"
+    assert main(train_args(tiny["data"], out, method, "--epochs", "1", "--quiet")) == 0
+    assert built == ([1] if method == "adafilter" else []) and not started
     monkeypatch.setattr(cpu_gate, "_next_look", 0.0)
     assert cpu_gate.get() is None and started == [1]
 

@@ -10,7 +10,6 @@ checks with the built kernel.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -58,10 +57,6 @@ def test_unloadable_build_warns_and_falls_back(fresh: Path) -> None:
     lib.write_bytes(b"not a shared library")
     with pytest.warns(UserWarning, match="adafilter build-kernels"):
         assert cpu_gate.get() is None
-
-
-def _has_toolchain() -> bool:
-    return shutil.which("c++") is not None and shutil.which("ninja") is not None
 
 
 def _gate_outputs(gate: RecurrentGate, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -181,29 +176,6 @@ def test_a_stale_build_lock_is_removed(fresh: Path, monkeypatch: pytest.MonkeyPa
     os.utime(lock, (old, old))
     cpu_gate.build()
     assert seen == [True, False]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """The kernel, built for this module's slow tests in a fresh cache the way inference
-    builds it: get() starts the background build, and picks up its library."""
-    if not _has_toolchain():
-        pytest.skip("needs a C++ compiler and ninja")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAFILTER_HOME", str(tmp_path_factory.mktemp("kernels")))
-        for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
-            mp.setattr(cpu_gate, name, value)
-        mp.setattr(cpu_gate, "ENABLED", True)
-        mp.setattr(cpu_gate, "AUTO_BUILD", True)
-        mp.setattr(cpu_gate, "LOOK_EVERY_S", 0.0)
-        with pytest.warns(UserWarning, match="in the background"):
-            assert cpu_gate.get() is None
-        builder = cpu_gate._builder
-        assert builder is not None
-        assert builder.wait(timeout=600) == 0, cpu_gate.build_directory() / "build.log"
-        module = cpu_gate.get()
-        assert module is not None
-        yield module
 
 
 @pytest.mark.slow  # compiles the kernel (~1 min on a fresh machine)

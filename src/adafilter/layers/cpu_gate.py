@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -227,8 +227,146 @@ struct Layer {
   }
 };
 
+// ---- the gated BN's per-plane passes in training (Eq. 5), float32 NCHW ----------------------
+// Planes are (example, channel) pairs; sel (B, C) float32 routes a plane to F (> 0.5) or S.
+// Each pass reads only what it needs (the routed branch's plane where one suffices), spread
+// over ATen's threads in chunks of about 16k values.
+
+static void check_planes(const at::Tensor& xf, const at::Tensor& xs) {
+  TORCH_CHECK(xf.dim() == 4 && xf.sizes() == xs.sizes(), "xf, xs must be equal (B, C, H, W)");
+  for (const at::Tensor* t : {&xf, &xs})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "gated BN planes must be contiguous float32 CPU tensors");
+}
+
+static const float* routing(const at::Tensor& sel, const at::Tensor& x) {
+  TORCH_CHECK(sel.scalar_type() == at::kFloat && sel.is_contiguous() &&
+                  sel.numel() == x.size(0) * x.size(1),
+              "sel must be a contiguous (B, C) float32 tensor");
+  return sel.data_ptr<float>();
+}
+
+static int64_t grain(int64_t hw) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(hw, 1)); }
+
+// Mean and biased variance (B, C) of each routed plane: where(sel, xf, xs) never built.
+std::vector<at::Tensor> bn_stats(const at::Tensor& xf, const at::Tensor& xs,
+                                 const at::Tensor& sel) {
+  check_planes(xf, xs);
+  const float *g = routing(sel, xf), *pf = xf.data_ptr<float>(), *ps = xs.data_ptr<float>();
+  const int64_t n = xf.size(0) * xf.size(1), hw = xf.size(2) * xf.size(3);
+  at::Tensor mean = at::empty({xf.size(0), xf.size(1)}, xf.options()), var = at::empty_like(mean);
+  float *pm = mean.data_ptr<float>(), *pv = var.data_ptr<float>();
+  at::parallel_for(0, n, grain(hw), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* x = (g[i] > 0.5f ? pf : ps) + i * hw;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < hw; ++j) s += x[j];
+      const float mu = s / static_cast<float>(hw);
+      float q = 0.f;  // second pass over a plane still in cache: stable
+#pragma omp simd reduction(+ : q)
+      for (int64_t j = 0; j < hw; ++j) q += (x[j] - mu) * (x[j] - mu);
+      pm[i] = mu;
+      pv[i] = q / static_cast<float>(hw);
+    }
+  });
+  return {mean, var};
+}
+
+// out = routed plane * scale[r, c] + shift[r, c], r = 0 (F) / 1 (S): Eq. 1 and Eq. 5 at once.
+at::Tensor bn_apply(const at::Tensor& xf, const at::Tensor& xs, const at::Tensor& sel,
+                    const at::Tensor& scale, const at::Tensor& shift) {
+  check_planes(xf, xs);
+  const int64_t C = xf.size(1), n = xf.size(0) * C, hw = xf.size(2) * xf.size(3);
+  for (const at::Tensor* t : {&scale, &shift})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == 2 * C,
+                "scale, shift must be contiguous (2, C) float32");
+  const float *g = routing(sel, xf), *pf = xf.data_ptr<float>(), *ps = xs.data_ptr<float>();
+  const float *a = scale.data_ptr<float>(), *b = shift.data_ptr<float>();
+  at::Tensor out = at::empty_like(xf);
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, n, grain(hw), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const bool f = g[i] > 0.5f;
+      const float* x = (f ? pf : ps) + i * hw;
+      const int64_t at_ = (f ? 0 : C) + i % C;
+      const float k = a[at_], d = b[at_];
+      float* y = po + i * hw;
+#pragma omp simd
+      for (int64_t j = 0; j < hw; ++j) y[j] = x[j] * k + d;
+    }
+  });
+  return out;
+}
+
+// sum_hw dy (B, C) and sum_hw dy * x of both branches (2, B, C), one pass.
+std::vector<at::Tensor> bn_sums(const at::Tensor& dy, const at::Tensor& xf, const at::Tensor& xs) {
+  check_planes(xf, xs);
+  check_planes(dy, xf);
+  const int64_t n = xf.size(0) * xf.size(1), hw = xf.size(2) * xf.size(3);
+  at::Tensor a = at::empty({xf.size(0), xf.size(1)}, xf.options());
+  at::Tensor p = at::empty({2, xf.size(0), xf.size(1)}, xf.options());
+  const float *pd = dy.data_ptr<float>(), *pf = xf.data_ptr<float>(), *ps = xs.data_ptr<float>();
+  float *pa = a.data_ptr<float>(), *pp = p.data_ptr<float>();
+  at::parallel_for(0, n, grain(hw), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float *d = pd + i * hw, *u = pf + i * hw, *v = ps + i * hw;
+      float sa = 0.f, sf = 0.f, ss = 0.f;
+#pragma omp simd reduction(+ : sa, sf, ss)
+      for (int64_t j = 0; j < hw; ++j) {
+        sa += d[j];
+        sf += d[j] * u[j];
+        ss += d[j] * v[j];
+      }
+      pa[i] = sa;
+      pp[i] = sf;
+      pp[n + i] = ss;
+    }
+  });
+  return {a, p};
+}
+
+// Both branches' input gradients: k1 dy + k2 x + k3 on the routed branch's plane (k (3, 2, B, C):
+// k1, k2, k3 of F and S), zero on the other's; a branch not wanted is not computed (undefined).
+std::vector<at::Tensor> bn_grads(const at::Tensor& dy, const at::Tensor& xf, const at::Tensor& xs,
+                                 const at::Tensor& sel, const at::Tensor& k, bool want_f,
+                                 bool want_s) {
+  check_planes(xf, xs);
+  check_planes(dy, xf);
+  const int64_t n = xf.size(0) * xf.size(1), hw = xf.size(2) * xf.size(3);
+  TORCH_CHECK(k.scalar_type() == at::kFloat && k.is_contiguous() && k.numel() == 6 * n,
+              "k must be a contiguous (3, 2, B, C) float32 tensor");
+  const float *g = routing(sel, xf), *pk = k.data_ptr<float>(), *pd = dy.data_ptr<float>();
+  const float *pf = xf.data_ptr<float>(), *ps = xs.data_ptr<float>();
+  at::Tensor dxf = want_f ? at::empty_like(xf) : at::Tensor();
+  at::Tensor dxs = want_s ? at::empty_like(xs) : at::Tensor();
+  float* out[2] = {want_f ? dxf.data_ptr<float>() : nullptr,
+                   want_s ? dxs.data_ptr<float>() : nullptr};
+  at::parallel_for(0, n, grain(hw), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int r = g[i] > 0.5f ? 0 : 1;  // the routed branch
+      if (out[1 - r]) std::memset(out[1 - r] + i * hw, 0, hw * sizeof(float));
+      if (!out[r]) continue;
+      const float k1 = pk[r * n + i], k2 = pk[(2 + r) * n + i], k3 = pk[(4 + r) * n + i];
+      const float *d = pd + i * hw, *x = (r == 0 ? pf : ps) + i * hw;
+      float* y = out[r] + i * hw;
+#pragma omp simd
+      for (int64_t j = 0; j < hw; ++j) y[j] = k1 * d[j] + k2 * x[j] + k3;
+    }
+  });
+  return {dxf, dxs};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "the gate's eval step for every example");
+  m.def("bn_stats", &bn_stats, "gated BN: mean and variance of each routed plane",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("bn_apply", &bn_apply, "gated BN: select and normalise (Eq. 1, Eq. 5)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("bn_sums", &bn_sums, "gated BN backward: per-plane sums of dy and dy * x",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("bn_grads", &bn_grads, "gated BN backward: both branches' input gradients",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<Layer>(m, "Layer")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>,
                           std::vector<int64_t>, std::vector<int64_t>, int64_t,
@@ -352,6 +490,33 @@ def get() -> ModuleType | None:
     if AUTO_BUILD and (_paused or _build_in_background()):
         _next_look = now + LOOK_EVERY_S  # look (or start) again later
     return None
+
+
+def ensure(*, say: Callable[[str], None] | None = None) -> ModuleType | None:
+    """The built module, compiled first in the foreground where it is missing, builds are
+    allowed (:data:`AUTO_BUILD`) and a C++ compiler and ninja are present; ``None`` where it
+    is turned off, not allowed to build, or the build failed (one warning). For a caller
+    about to run for a while that would rather wait a minute once than start a background
+    build beside its work (training, benchmarks). ``say`` announces a build."""
+    if not ENABLED:
+        return None
+    with builds_paused():
+        module = get()
+    if module is not None or not AUTO_BUILD:
+        return module
+    if shutil.which(os.environ.get("CXX", "c++")) is None or not _ninja():
+        return None
+    if say is not None:
+        say(
+            "compiling the CPU kernels once for this machine (about a minute; "
+            "ADAFILTER_CPU_GATE=0 skips them)"
+        )
+    try:
+        build()
+    except RuntimeError as exc:
+        warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
+        return None
+    return _module
 
 
 _paused = 0

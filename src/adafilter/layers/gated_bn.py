@@ -43,12 +43,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from . import kernels
+from . import cpu_gate, kernels
 from .capture import is_compiling
 
 # (bn_f, bn_s), mean (2, C), biased var (2, C), values n (2, C) of each branch's batch
@@ -321,6 +322,7 @@ class _GatedBNFunction(torch.autograd.Function):
         ws: Tensor,
         bs: Tensor,
         z: Tensor | None,
+        cpu: ModuleType | None,
         mask: Tensor,
         source: Tensor | None,
         remake: Callable[[Tensor], Tensor] | None,
@@ -333,7 +335,8 @@ class _GatedBNFunction(torch.autograd.Function):
         ctx.save_for_backward(xf, xs if remake is None else source, mask, *st)
         ctx.remake = remake
         ctx.capturable = capturable
-        ctx.triton = z is None  # the Triton kernels ran the forward: also the backward
+        ctx.cpu = cpu  # the compiled CPU passes (cpu_gate) ran the forward: also the backward
+        ctx.triton = z is None and cpu is None  # the Triton kernels did: also the backward
         if ctx.triton:  # select (Eq. 1) and normalise (Eq. 5) in one pass
             ctx.used = (True, True)
             return kernels.select_affine(xf, xs, mask, st.scale, st.shift)
@@ -345,6 +348,8 @@ class _GatedBNFunction(torch.autograd.Function):
         # every layer, and a captured graph cannot branch on it.)
         skip = g.device.type == "cpu" and not capturable
         ctx.used = (bool(sel.any()), not bool(sel.all())) if skip else (True, True)
+        if cpu is not None:  # the same pass in compiled code, z never built
+            return cpu.bn_apply(xf, xs, mask, st.scale.contiguous(), st.shift.contiguous())
         scale = torch.where(sel, st.scale[0], st.scale[1])[:, :, None, None]  # (B, C, 1, 1)
         shift = torch.where(sel, st.shift[0], st.shift[1])[:, :, None, None]
         return torch.addcmul(shift.to(z.dtype), z, scale.to(z.dtype))  # Eq. 5, z = Eq. 1
@@ -362,13 +367,18 @@ class _GatedBNFunction(torch.autograd.Function):
             k1, k2, k3 = coeffs  # (2, B, C) each
             dgamma, dbeta = dgb.to(mask.dtype)  # (2, C) each
         else:
-            a, p = _per_example_sums(dy, xf, xs, ctx.capturable)
+            if ctx.cpu is not None:
+                a, p = ctx.cpu.bn_sums(dy, xf, xs)  # (B, C), (2, B, C)
+            else:
+                a, p = _per_example_sums(dy, xf, xs, ctx.capturable)
             masks = torch.stack([mask, 1.0 - mask])  # (2, B, C): routed to F / to S
             k1, k2, k3, dgamma, dbeta = _backward_coeffs(st, masks, a, p)  # (2, B, C) each
             dg = _policy_grad(st, a, p) if ctx.needs_input_grad[2] else None
         dxs: list[Tensor | None] = []
         if ctx.triton and all(ctx.needs_input_grad[:2]):
             dxs += kernels.branch_grads(dy, xf, xs, mask, coeffs)
+        elif ctx.cpu is not None:
+            dxs += _cpu_grads(ctx, dy, xf, xs, mask, torch.stack([k1, k2, k3]))
         else:
             k1, k2, k3 = (k[:, :, :, None, None].to(dy.dtype) for k in (k1, k2, k3))
             for i, (x, used, need) in enumerate(
@@ -391,13 +401,34 @@ class _GatedBNFunction(torch.autograd.Function):
             dbeta[0],
             dgamma[1],
             dbeta[1],
-            None,
-            None,
-            None,
-            None,
-            None,
+            *([None] * 6),  # z, cpu, mask, source, remake, capturable
             *([None] * len(stats)),
         )
+
+
+def _cpu_grads(
+    ctx: Any, dy: Tensor, xf: Tensor, xs: Tensor, mask: Tensor, k: Tensor
+) -> list[Tensor | None]:
+    """Both branches' input gradients in one compiled pass (``k`` (3, 2, B, C)); a branch no
+    example uses gets a broadcast zero, one nobody asks for ``None``."""
+    want = [need and used for need, used in zip(ctx.needs_input_grad[:2], ctx.used, strict=True)]
+    grads = ctx.cpu.bn_grads(dy, xf, xs, mask, k, *want)
+    zero = dy.new_zeros(()).expand_as(dy)
+    return [
+        (g if w else zero) if need else None
+        for g, w, need in zip(grads, want, ctx.needs_input_grad[:2], strict=True)
+    ]
+
+
+def _cpu_passes(xf: Tensor, xs: Tensor, capturable: bool) -> ModuleType | None:
+    """The compiled CPU passes (:mod:`.cpu_gate`, where built) for these branch outputs:
+    float32 contiguous CPU tensors, outside graph capture and tracing."""
+    if capturable or xf.device.type != "cpu" or not cpu_gate.ENABLED or is_compiling():
+        return None
+    if not (xf.dtype == xs.dtype == torch.float32 and xf.is_contiguous() and xs.is_contiguous()):
+        return None
+    module = cpu_gate.get()
+    return module if module is not None and hasattr(module, "bn_stats") else None
 
 
 def _packed(st: _Stats) -> Tensor:
@@ -464,13 +495,17 @@ def gated_batch_norm(
     # A branch's statistics only involve its routed (example, channel) planes, which are
     # exactly the planes of the selection z: one statistics pass serves both branches.
     z: Tensor | None = None
+    cpu = None
     if _triton(xf, xs):  # CUDA: per-plane kernels read only the selected branch
         stats = kernels.plane_stats(xf, xs, mask) if training else None
+    elif (cpu := _cpu_passes(xf, xs, capturable)) is not None:  # the same, compiled for CPU
+        mask = mask.contiguous()
+        stats = cpu.bn_stats(xf, xs, mask) if training else None
     else:
         with torch.no_grad():
             z = torch.where(mask[:, :, None, None] > 0.5, xf, xs)  # (B, C, H, W): Eq. 1
         stats = _per_example_stats(z, capturable) if training else None
-    if stats is not None and z is None and _fusable(bns, mask):
+    if stats is not None and z is None and cpu is None and _fusable(bns, mask):
         st = _kernel_stats(stats, hw, mask, bns, min_examples, min_values)
     else:
         masks = torch.stack([mask, 1.0 - mask])  # (2, B, C): routed to F / to S
@@ -482,6 +517,7 @@ def gated_batch_norm(
         *_affine(bn_f, st.mean[0]),
         *_affine(bn_s, st.mean[1]),
         z,
+        cpu,
         mask,
         *(remake_xs if remake_xs is not None else (None, None)),
         capturable,

@@ -90,6 +90,8 @@ def fit(config: TrainConfig, *, on_step: StepCallback | None = None) -> dict[str
     # The CUDA device is selected before the process group exists so NCCL binds to it.
     device = resolve_device(config.device, env_from_environ())
     env = init_distributed(device)
+    if device.type == "cpu" and method.has_policies:  # the gated BN's compiled CPU passes
+        cpu_gate.ensure(say=logger.info)  # built before training, never beside it
     # No compile of the CPU inference code beside training: it would skew the throughput.
     try:
         with cpu_gate.builds_paused():

@@ -1,0 +1,139 @@
+"""The gated BN's compiled CPU passes (``bn_*`` of ``layers/cpu_gate.py``) against the eager
+path they replace in training.
+
+The default tier runs the plumbing with :func:`_reference`, the passes' contract written in
+ATen, standing in for the built module; the slow tier builds the module and runs the same
+checks with it. Tolerance: ``atol=1e-5, rtol=1e-4`` (float32, another summation order).
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_kernels import _run
+from torch import Tensor, nn
+
+from adafilter import AdaFilterConfig, wrap
+from adafilter.layers import cpu_gate
+
+
+def _reference() -> SimpleNamespace:
+    """``bn_stats``, ``bn_apply``, ``bn_sums``, ``bn_grads`` in ATen, with the compiled
+    signatures (``sel`` (B, C) float32 0/1, ``k`` (3, 2, B, C), a branch not wanted: ``None``);
+    ``.calls`` lists the passes run."""
+    calls: list[str] = []
+
+    def pick(sel: Tensor) -> Tensor:
+        return (sel > 0.5)[:, :, None, None]  # (B, C, 1, 1)
+
+    def bn_stats(xf: Tensor, xs: Tensor, sel: Tensor) -> list[Tensor]:
+        calls.append("bn_stats")
+        var, mean = torch.var_mean(torch.where(pick(sel), xf, xs), dim=(2, 3), correction=0)
+        return [mean, var]
+
+    def bn_apply(xf: Tensor, xs: Tensor, sel: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        calls.append("bn_apply")
+        a = torch.where(pick(sel), scale[0, :, None, None], scale[1, :, None, None])
+        b = torch.where(pick(sel), shift[0, :, None, None], shift[1, :, None, None])
+        return torch.where(pick(sel), xf, xs) * a + b
+
+    def bn_sums(dy: Tensor, xf: Tensor, xs: Tensor) -> list[Tensor]:
+        calls.append("bn_sums")
+        return [dy.sum((2, 3)), torch.stack([(dy * x).sum((2, 3)) for x in (xf, xs)])]
+
+    def bn_grads(dy, xf, xs, sel, k, want_f, want_s):  # noqa: ANN001, ANN202
+        calls.append("bn_grads")
+        out = []
+        for r, (x, want, routed) in enumerate(((xf, want_f, pick(sel)), (xs, want_s, ~pick(sel)))):
+            k1, k2, k3 = (k[j, r][:, :, None, None] for j in range(3))
+            out.append(torch.where(routed, k1 * dy + k2 * x + k3, 0.0) if want else None)
+        return out
+
+    return SimpleNamespace(
+        bn_stats=bn_stats, bn_apply=bn_apply, bn_sums=bn_sums, bn_grads=bn_grads, calls=calls
+    )
+
+
+@pytest.fixture(params=["reference", pytest.param("built", marks=pytest.mark.slow)])
+def passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The passes in use: the ATen contract, or the built module (slow tier), each counting
+    the passes it ran in ``.calls``."""
+    if request.param == "reference":
+        module = _reference()
+    else:
+        built = request.getfixturevalue("built")
+        module = SimpleNamespace(calls=[])
+        for name in ("bn_stats", "bn_apply", "bn_sums", "bn_grads"):
+            fn = getattr(built, name)
+            setattr(module, name, lambda *a, _fn=fn, _n=name: module.calls.append(_n) or _fn(*a))
+    monkeypatch.setattr(cpu_gate, "_module", module)
+    monkeypatch.setattr(cpu_gate, "ENABLED", True)
+    return module
+
+
+@pytest.mark.parametrize(
+    "training, routing, momentum",
+    [
+        (True, "mixed", 0.1),
+        (True, "all_f", 0.1),
+        (True, "all_s", 0.1),
+        (True, "mixed", None),
+        (False, "mixed", 0.1),
+    ],
+)
+def test_compiled_passes_equal_the_eager_gated_bn(
+    passes: SimpleNamespace, training: bool, routing: str, momentum: float | None
+) -> None:
+    """Output, every gradient (both branches' inputs, the policy, both BNs' affine
+    parameters) and the BNs' buffers; degenerate, whole-branch and mixed channels."""
+    out_c, rest_c = _run("cpu", training, routing, momentum)
+    ran = set(passes.calls)
+    cpu_gate.ENABLED = False
+    out_e, rest_e = _run("cpu", training, routing, momentum)
+    cpu_gate.ENABLED = True
+    expected = {"bn_apply", "bn_sums", "bn_grads"} | ({"bn_stats"} if training else set())
+    assert ran == expected and len(passes.calls) == len(expected)  # nothing ran when off
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-4)
+    assert len(rest_c) == len(rest_e)
+    for a, b in zip(rest_c, rest_e, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("bias", [0.0, 3.0])  # mixed policies; every filter from F
+def test_compiled_passes_train_a_wrapped_network_like_eager(
+    passes: SimpleNamespace, bias: float
+) -> None:
+    """Two SGD steps of a wrapped network, compiled passes on vs off: the same loss, every
+    trainable parameter and buffer after; with an all-F policy S's input gradient is the
+    broadcast zero (S's backward skipped), as on the eager path."""
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    model = wrap(_net(), AdaFilterConfig(gate_bias_init=bias), example_input=x).train()
+    results = []
+    for on in (True, False):
+        cpu_gate.ENABLED = on
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.param_groups(lr=0.1, gate_lr=0.1), lr=0.1, momentum=0.9)
+        losses = []
+        for _ in range(2):
+            loss = nn.functional.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        results.append([*losses, *m.state_dict().values()])
+    cpu_gate.ENABLED = True
+    assert "bn_grads" in passes.calls
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
