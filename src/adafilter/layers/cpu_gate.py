@@ -7,13 +7,19 @@ of a ResNet-50 batch-1 forward (README, *Inference at the cost of plain fine-tun
 whole step is one C++ loop nest over the same cached weights (:class:`~.gate._EvalWeights`),
 float32, CPU, any batch size; equal to the ATen step up to summation order. At batch 1 a
 second function runs a whole gated layer -- the step, the threshold, the recopy of the filters
-whose decision changed, the conv -- in one call from Python (:func:`layer`).
+whose decision changed, the conv -- in one call from Python (:func:`layer`). In training, the
+gated BN's four per-plane passes (``bn_stats``, ``bn_apply``, ``bn_sums``, ``bn_grads``: the
+CPU counterparts of the Triton kernels' per-plane passes, reading only the routed branch where
+one suffices) replace about a dozen ATen calls and full-size temporaries per layer
+(:func:`~.gated_bn.gated_batch_norm` uses them where built).
 
 The code is compiled once per machine with PyTorch's C++ extension tooling (a C++ compiler and
 ``ninja`` are needed) by :func:`build` -- ``adafilter build-kernels`` -- into
-``$ADAFILTER_HOME/kernels/``. Inference uses it wherever it has been built. A forward never
-compiles: where it is missing, the first CPU eval step outside training starts the build as a
-detached background process and keeps the ATen step until the library appears (:func:`get`).
+``$ADAFILTER_HOME/kernels/``. Inference and training use it wherever it has been built. A
+forward never compiles: where it is missing, the first CPU eval step outside training starts
+the build as a detached background process and keeps the ATen step until the library appears
+(:func:`get`); a CPU training run of a gated method builds it in the foreground before its
+first step (:func:`ensure`).
 ``ADAFILTER_CPU_GATE=0`` (or ``cpu_gate.ENABLED = False``) keeps the ATen step;
 ``ADAFILTER_CPU_GATE=prebuilt`` uses a built kernel but never starts a build.
 """
