@@ -30,6 +30,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import logging
 import math
 import os
 import platform
@@ -431,8 +432,6 @@ def build(*, verbose: bool = False) -> Path:
         RuntimeError: No C++ compiler/ninja, or the build failed (the message says which).
     """
     global _module, _next_look
-    from torch.utils.cpp_extension import load_inline
-
     _ninja()
     out = build_directory()
     out.mkdir(parents=True, exist_ok=True)
@@ -440,7 +439,7 @@ def build(*, verbose: bool = False) -> Path:
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         lock.unlink(missing_ok=True)
     try:
-        _module = load_inline(
+        _module = _cpp_extension().load_inline(
             name=_name(),
             cpp_sources=SOURCE,
             extra_cflags=_FLAGS,
@@ -456,16 +455,27 @@ def build(*, verbose: bool = False) -> Path:
     return _library()
 
 
+def _cpp_extension() -> ModuleType:
+    """torch's C++ extension builder, imported without its "No CUDA runtime is found" warning
+    (this code is CPU-only)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as ext
+    finally:
+        log.setLevel(level)
+    return ext
+
+
 def _ninja() -> bool:
     """Whether torch's extension builder finds ninja; the ``ninja`` package installed beside
     this Python (a virtual environment that is not activated) is put on ``PATH`` first."""
-    from torch.utils.cpp_extension import is_ninja_available
-
     bin_dir = str(Path(sys.executable).parent)
     path = os.environ.get("PATH", "")
     if (Path(bin_dir) / "ninja").is_file() and bin_dir not in path.split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + path
-    return is_ninja_available()
+    return _cpp_extension().is_ninja_available()
 
 
 def get() -> ModuleType | None:
