@@ -19,10 +19,12 @@ from torch import Tensor, nn
 from adafilter import AdaFilterConfig, wrap
 from adafilter.layers import cpu_gate
 
+_PASSES = ("bn_stats", "bn_branch_stats", "bn_apply", "bn_sums", "bn_coeffs", "bn_grads")
+
 
 def _reference() -> SimpleNamespace:
-    """``bn_stats``, ``bn_apply``, ``bn_sums``, ``bn_grads`` in ATen, with the compiled
-    signatures (``sel`` (B, C) float32 0/1, ``k`` (3, 2, B, C), a branch not wanted: ``None``);
+    """The compiled passes in ATen, with their signatures (``sel`` (B, C) float32 0/1; BN
+    tensors and settings as lists; ``k`` (3, 2, B, C); a branch not wanted: ``None``);
     ``.calls`` lists the passes run."""
     calls: list[str] = []
 
@@ -40,6 +42,39 @@ def _reference() -> SimpleNamespace:
         b = torch.where(pick(sel), shift[0, :, None, None], shift[1, :, None, None])
         return torch.where(pick(sel), xf, xs) * a + b
 
+    def bn_branch_stats(mean, var, sel, hw, bn, hp, min_examples, min_values):  # noqa: ANN001, ANN202
+        calls.append("bn_branch_stats")
+        t = torch.stack([(sel > 0.5).float(), (sel <= 0.5).float()])  # (2, B, C): F, S
+        k = t.sum(1)  # (2, C) examples in each branch
+        mu = (t * mean).sum(1) / k.clamp(min=1)
+        n = k * hw
+        v = (t * (var + (mean - mu[:, None]) ** 2)).sum(1) * hw / n.clamp(min=1)
+        whole = torch.tensor([[bool((sel > 0.5).all())], [bool((sel <= 0.5).all())]]) & (n > 1)
+        use = ((k >= min_examples) & (n >= min_values)) | whole
+        w, b, rm, rv = (torch.stack([bn[i], bn[5 + i]]) for i in range(4))  # (2, C) copies
+        m_used = torch.where(use, mu, rm)
+        rstd = (torch.where(use, v, rv) + torch.tensor(hp[:2])[:, None]).rsqrt()
+        scale = w * rstd
+        unbiased = v * n / (n - 1).clamp(min=1)
+        for r in range(2):
+            mom = hp[2 + r]
+            bn[5 * r + 2].copy_(torch.where(use[r], rm[r] + mom * (mu[r] - rm[r]), rm[r]))
+            bn[5 * r + 3].copy_(torch.where(use[r], rv[r] + mom * (unbiased[r] - rv[r]), rv[r]))
+            bn[5 * r + 4].add_(1)
+        return [torch.stack([m_used, rstd, scale, b - m_used * scale, n]), use]
+
+    def bn_coeffs(sel: Tensor, stats: Tensor, use: Tensor, a: Tensor, p: Tensor) -> list[Tensor]:
+        calls.append("bn_coeffs")
+        t = torch.stack([(sel > 0.5).float(), (sel <= 0.5).float()])  # (2, B, C): F, S
+        mean, rstd, scale, shift, n = stats  # (2, C) each
+        db = (t * a).sum(1)
+        dw = (t * (p - mean[:, None] * a)).sum(1) * rstd
+        k2 = torch.where(use, -scale * rstd * dw / n.clamp(min=1), 0.0)
+        k3 = torch.where(use, -scale * db / n.clamp(min=1), 0.0) - k2 * mean
+        k = torch.stack([t * scale[:, None], t * k2[:, None], t * k3[:, None]])
+        y = scale[:, None] * p + shift[:, None] * a  # (2, B, C): sum_hw dy * BN(x) per branch
+        return [k, torch.stack([dw, db]), y[0] - y[1]]
+
     def bn_sums(dy: Tensor, xf: Tensor, xs: Tensor) -> list[Tensor]:
         calls.append("bn_sums")
         return [dy.sum((2, 3)), torch.stack([(dy * x).sum((2, 3)) for x in (xf, xs)])]
@@ -52,9 +87,8 @@ def _reference() -> SimpleNamespace:
             out.append(torch.where(routed, k1 * dy + k2 * x + k3, 0.0) if want else None)
         return out
 
-    return SimpleNamespace(
-        bn_stats=bn_stats, bn_apply=bn_apply, bn_sums=bn_sums, bn_grads=bn_grads, calls=calls
-    )
+    scope = locals()
+    return SimpleNamespace(**{name: scope[name] for name in _PASSES}, calls=calls)
 
 
 @pytest.fixture(params=["reference", pytest.param("built", marks=pytest.mark.slow)])
@@ -66,7 +100,7 @@ def passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> S
     else:
         built = request.getfixturevalue("built")
         module = SimpleNamespace(calls=[])
-        for name in ("bn_stats", "bn_apply", "bn_sums", "bn_grads"):
+        for name in _PASSES:
             fn = getattr(built, name)
             setattr(module, name, lambda *a, _fn=fn, _n=name: module.calls.append(_n) or _fn(*a))
     monkeypatch.setattr(cpu_gate, "_module", module)
@@ -94,7 +128,9 @@ def test_compiled_passes_equal_the_eager_gated_bn(
     cpu_gate.ENABLED = False
     out_e, rest_e = _run("cpu", training, routing, momentum)
     cpu_gate.ENABLED = True
-    expected = {"bn_apply", "bn_sums", "bn_grads"} | ({"bn_stats"} if training else set())
+    expected = {"bn_apply", "bn_sums", "bn_coeffs", "bn_grads"}
+    if training:  # (a cumulative average, momentum None, keeps the ATen per-channel step)
+        expected |= {"bn_stats", "bn_branch_stats"} if momentum else {"bn_stats"}
     assert ran == expected and len(passes.calls) == len(expected)  # nothing ran when off
     torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-4)
     assert len(rest_c) == len(rest_e)

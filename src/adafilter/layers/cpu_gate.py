@@ -364,7 +364,142 @@ std::vector<at::Tensor> bn_grads(const at::Tensor& dy, const at::Tensor& xf, con
   return {dxf, dxs};
 }
 
+// Both branches' statistics from the per-plane ones, the normalisation each channel uses
+// (batch or running statistics, by the minimum-examples and whole-branch rules) and the running
+// statistics' update (Triton: _branch_stats_kernel). bn: weight, bias, running mean, running
+// var, num_batches_tracked of BN_F then BN_S; hp: eps_f, eps_s, momentum_f, momentum_s.
+// Returns (5, 2, C) [mean, rstd, scale, shift, count] and (2, C) bool: batch statistics used.
+std::vector<at::Tensor> bn_branch_stats(const at::Tensor& mean, const at::Tensor& var,
+                                        const at::Tensor& sel, int64_t hw,
+                                        std::vector<at::Tensor> bn, std::vector<double> hp,
+                                        int64_t min_examples, int64_t min_values) {
+  TORCH_CHECK(bn.size() == 10 && hp.size() == 4, "10 BN tensors and 4 settings");
+  const int64_t B = mean.size(0), C = mean.size(1);
+  for (const at::Tensor* t : {&mean, &var})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == B * C,
+                "mean, var must be contiguous (B, C) float32");
+  for (int i : {0, 1, 2, 3, 5, 6, 7, 8})
+    TORCH_CHECK(bn[i].scalar_type() == at::kFloat && bn[i].is_contiguous() && bn[i].numel() == C,
+                "BN parameters and running statistics must be contiguous float32 (C)");
+  const float *g = routing(sel, mean), *pm = mean.data_ptr<float>(), *pv = var.data_ptr<float>();
+  bool all_f = true, all_s = true;  // the policy's min and max over the batch
+  for (int64_t i = 0; i < B * C; ++i) (g[i] > 0.5f ? all_s : all_f) = false;
+  at::Tensor out = at::empty({5, 2, C}, mean.options());
+  at::Tensor use = at::empty({2, C}, mean.options().dtype(at::kBool));
+  at::Tensor run = at::empty({2, 2, C}, mean.options());  // new running mean, var of F and S
+  float *po = out.data_ptr<float>(), *pr = run.data_ptr<float>();
+  bool* pu = use.data_ptr<bool>();
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double k[2] = {0, 0}, s[2] = {0, 0}, q[2] = {0, 0};
+      for (int64_t b = 0; b < B; ++b) {
+        const int r = g[b * C + c] > 0.5f ? 0 : 1;
+        k[r] += 1;
+        s[r] += pm[b * C + c];
+      }
+      const double mu[2] = {s[0] / std::max(k[0], 1.0), s[1] / std::max(k[1], 1.0)};
+      for (int64_t b = 0; b < B; ++b) {  // Chan et al.: sum_b [M2_b + hw (mean_b - mean)^2]
+        const int r = g[b * C + c] > 0.5f ? 0 : 1;
+        const double d = pm[b * C + c] - mu[r];
+        q[r] += pv[b * C + c] + d * d;
+      }
+      for (int r = 0; r < 2; ++r) {
+        const double n = k[r] * hw, v = q[r] * hw / std::max(n, 1.0);
+        // a branch holding every example in every channel is a standard BN
+        const bool whole = (r == 0 ? all_f : all_s) && n > 1;
+        const bool u = (k[r] >= min_examples && n >= min_values) || whole;
+        const float* w = bn[5 * r].data_ptr<float>();
+        const float* bi = bn[5 * r + 1].data_ptr<float>();
+        const float rm = bn[5 * r + 2].data_ptr<float>()[c];
+        const float rv = bn[5 * r + 3].data_ptr<float>()[c];
+        const double m_used = u ? mu[r] : rm;
+        const double rstd = 1.0 / std::sqrt((u ? v : rv) + hp[r]);
+        const double scale = w[c] * rstd;
+        const int64_t at_ = r * C + c;
+        po[at_] = static_cast<float>(m_used);
+        po[2 * C + at_] = static_cast<float>(rstd);
+        po[4 * C + at_] = static_cast<float>(scale);
+        po[6 * C + at_] = static_cast<float>(bi[c] - m_used * scale);
+        po[8 * C + at_] = static_cast<float>(n);
+        pu[at_] = u;
+        const double unbiased = v * n / std::max(n - 1.0, 1.0), mom = hp[2 + r];
+        pr[2 * r * C + c] = static_cast<float>(u ? rm + mom * (mu[r] - rm) : rm);
+        pr[(2 * r + 1) * C + c] = static_cast<float>(u ? rv + mom * (unbiased - rv) : rv);
+      }
+    }
+  });
+  for (int r = 0; r < 2; ++r) {  // in place through ATen, so the buffers' versions move on
+    bn[5 * r + 2].copy_(run[r][0]);
+    bn[5 * r + 3].copy_(run[r][1]);
+    bn[5 * r + 4].add_(1);
+  }
+  return {out, use};
+}
+
+// The backward's coefficients k (3, 2, B, C) -- dx = k1 dy + k2 x + k3 per branch, zero where a
+// plane is not routed to it --, the affine gradients (2, 2, C) [dgamma; dbeta] and dL/dG (B, C)
+// from the per-plane sums a = sum_hw dy (B, C), p = sum_hw dy x (2, B, C) (Triton:
+// _branch_coeffs_kernel). stats (5, 2, C) and use (2, C) as bn_branch_stats returns them.
+std::vector<at::Tensor> bn_coeffs(const at::Tensor& sel, const at::Tensor& stats,
+                                  const at::Tensor& use, const at::Tensor& a,
+                                  const at::Tensor& p) {
+  const int64_t B = a.size(0), C = a.size(1), n = B * C;
+  TORCH_CHECK(stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.numel() == 10 * C,
+              "stats must be contiguous (5, 2, C) float32");
+  TORCH_CHECK(use.scalar_type() == at::kBool && use.is_contiguous() && use.numel() == 2 * C,
+              "use must be contiguous (2, C) bool");
+  for (const at::Tensor* t : {&a, &p})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "sums must be float32");
+  TORCH_CHECK(a.numel() == n && p.numel() == 2 * n, "a (B, C), p (2, B, C)");
+  const float *g = routing(sel, a), *st = stats.data_ptr<float>(), *pa = a.data_ptr<float>();
+  const float* pp = p.data_ptr<float>();
+  const bool* pu = use.data_ptr<bool>();
+  at::Tensor k = at::empty({3, 2, B, C}, a.options()), dgb = at::empty({2, 2, C}, a.options());
+  at::Tensor dg = at::empty({B, C}, a.options());
+  float *pk = k.data_ptr<float>(), *pg = dgb.data_ptr<float>(), *pd = dg.data_ptr<float>();
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double db[2] = {0, 0}, dw[2] = {0, 0};
+      const float mean[2] = {st[c], st[C + c]};
+      for (int64_t b = 0; b < B; ++b) {  // dbeta = sum dy, dgamma / rstd = sum dy (x - mean)
+        const int64_t i = b * C + c;
+        const int r = g[i] > 0.5f ? 0 : 1;
+        db[r] += pa[i];
+        dw[r] += pp[r * n + i] - mean[r] * pa[i];
+      }
+      float k1[2], k2[2], k3[2], sh[2];
+      for (int r = 0; r < 2; ++r) {
+        const int64_t at_ = r * C + c;
+        const double rstd = st[2 * C + at_], sc = st[4 * C + at_];
+        const double cnt = std::max<double>(st[8 * C + at_], 1.0);
+        dw[r] *= rstd;
+        const double kk2 = pu[at_] ? -sc * rstd * dw[r] / cnt : 0.0;  // running stats: constants
+        k1[r] = static_cast<float>(sc);
+        k2[r] = static_cast<float>(kk2);
+        k3[r] = static_cast<float>((pu[at_] ? -sc * db[r] / cnt : 0.0) - kk2 * mean[r]);
+        sh[r] = st[6 * C + at_];
+        pg[at_] = static_cast<float>(dw[r]);
+        pg[2 * C + at_] = static_cast<float>(db[r]);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t i = b * C + c;
+        const int r = g[i] > 0.5f ? 0 : 1;
+        for (int j = 0; j < 2; ++j) {  // only the routed branch's coefficients are non-zero
+          pk[j * n + i] = j == r ? k1[j] : 0.f;
+          pk[(2 + j) * n + i] = j == r ? k2[j] : 0.f;
+          pk[(4 + j) * n + i] = j == r ? k3[j] : 0.f;
+        }
+        // dL/dG = sum_hw dy (y_F - y_S), both branches' BN as affine maps (Eq. 5)
+        pd[i] = (k1[0] * pp[i] + sh[0] * pa[i]) - (k1[1] * pp[n + i] + sh[1] * pa[i]);
+      }
+    }
+  });
+  return {k, dgb, dg};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bn_branch_stats", &bn_branch_stats, "gated BN: both branches' statistics");
+  m.def("bn_coeffs", &bn_coeffs, "gated BN backward: coefficients and policy gradient");
   m.def("step", &step, "the gate's eval step for every example");
   m.def("bn_stats", &bn_stats, "gated BN: mean and variance of each routed plane",
         pybind11::call_guard<pybind11::gil_scoped_release>());
@@ -584,6 +719,68 @@ def _build_in_background() -> bool:
         stacklevel=3,
     )
     return True
+
+
+class Passes:
+    """The gated BN's compiled CPU passes with the signatures of :mod:`.kernels`' Triton
+    wrappers (what :func:`~.gated_bn.gated_batch_norm` calls on either device): float32,
+    contiguous, CPU; ``sel`` (B, C) 0/1 float32."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+
+    def plane_stats(self, xf: Tensor, xs: Tensor, sel: Tensor) -> tuple[Tensor, Tensor]:
+        return tuple(self.module.bn_stats(xf, xs, sel))  # type: ignore[return-value]
+
+    def select_affine(
+        self, xf: Tensor, xs: Tensor, sel: Tensor, scale: Tensor, shift: Tensor
+    ) -> Tensor:
+        return self.module.bn_apply(xf, xs, sel, scale.contiguous(), shift.contiguous())
+
+    def branch_stats(
+        self,
+        mean: Tensor,
+        var: Tensor,
+        sel: Tensor,
+        hw: int,
+        bns: tuple[nn.BatchNorm2d, nn.BatchNorm2d],
+        *,
+        min_examples: int,
+        min_values: int,
+    ) -> tuple[Tensor, Tensor]:
+        f, s = bns
+        tensors = [
+            t.data
+            for bn in bns
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked)
+        ]
+        settings = [f.eps, s.eps, f.momentum, s.momentum]
+        out = self.module.bn_branch_stats(
+            mean, var, sel, hw, tensors, settings, min_examples, min_values
+        )
+        return out[0], out[1]
+
+    def plane_sums(self, dy: Tensor, xf: Tensor, xs: Tensor) -> tuple[Tensor, Tensor]:
+        return tuple(self.module.bn_sums(dy, xf, xs))  # type: ignore[return-value]
+
+    def branch_coeffs(
+        self, sel: Tensor, stats: Tensor, use: Tensor, sum_dy: Tensor, sum_dy_x: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.module.bn_coeffs(sel, stats.contiguous(), use.contiguous(), sum_dy, sum_dy_x)
+        return out[0], out[1], out[2]
+
+    def branch_grads(
+        self,
+        dy: Tensor,
+        xf: Tensor,
+        xs: Tensor,
+        sel: Tensor,
+        k: Tensor,
+        want: tuple[bool, bool] = (True, True),
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """As the Triton wrapper; a branch not in ``want`` is not computed (``None``)."""
+        out = self.module.bn_grads(dy, xf, xs, sel, k, *want)
+        return out[0], out[1]
 
 
 def usable(x: Tensor, w: _EvalWeights) -> bool:

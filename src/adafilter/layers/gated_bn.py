@@ -33,9 +33,10 @@ calls would need several times that. On CUDA (eager), Triton kernels
 selection reading only the selected branch per plane, the per-channel arithmetic of both
 branches (forward and backward) in one kernel each, and the backward's passes: seven launches
 per layer and step (six kernels and the policy's min/max) where the eager arithmetic needed
-about eighty (``benchmarks/launch_count.py``). ``capturable=True`` (and any
-``torch.compile`` trace) uses only traceable operations and no host reads, with the same
-results.
+about eighty (``benchmarks/launch_count.py``). On CPU the same six passes run as compiled
+C++ where :mod:`adafilter.layers.cpu_gate` is built (:class:`~.cpu_gate.Passes`: one call
+each, no full-size temporaries). ``capturable=True`` (and any ``torch.compile`` trace) uses
+only traceable operations and no host reads, with the same results.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import torch
@@ -265,6 +265,7 @@ def _fusable(bns: tuple[nn.BatchNorm2d, nn.BatchNorm2d], mask: Tensor) -> bool:
 
 
 def _kernel_stats(
+    ops: Any,
     stats: tuple[Tensor, Tensor],
     hw: int,
     mask: Tensor,
@@ -272,9 +273,9 @@ def _kernel_stats(
     min_examples: int,
     min_values: int,
 ) -> _Stats:
-    """:func:`_both_stats` (training) as one Triton kernel: the same statistics, rules and
-    running-statistics update."""
-    packed, use = kernels.branch_stats(
+    """:func:`_both_stats` (training) as one kernel (``ops``: :mod:`.kernels` or
+    :class:`.cpu_gate.Passes`): the same statistics, rules and running-statistics update."""
+    packed, use = ops.branch_stats(
         *stats, mask, hw, bns, min_examples=min_examples, min_values=min_values
     )
     mean, rstd, scale, shift, count = packed.unbind(0)  # (2, C) each
@@ -322,7 +323,7 @@ class _GatedBNFunction(torch.autograd.Function):
         ws: Tensor,
         bs: Tensor,
         z: Tensor | None,
-        cpu: ModuleType | None,
+        ops: Any,
         mask: Tensor,
         source: Tensor | None,
         remake: Callable[[Tensor], Tensor] | None,
@@ -335,11 +336,7 @@ class _GatedBNFunction(torch.autograd.Function):
         ctx.save_for_backward(xf, xs if remake is None else source, mask, *st)
         ctx.remake = remake
         ctx.capturable = capturable
-        ctx.cpu = cpu  # the compiled CPU passes (cpu_gate) ran the forward: also the backward
-        ctx.triton = z is None and cpu is None  # the Triton kernels did: also the backward
-        if ctx.triton:  # select (Eq. 1) and normalise (Eq. 5) in one pass
-            ctx.used = (True, True)
-            return kernels.select_affine(xf, xs, mask, st.scale, st.shift)
+        ctx.ops = ops  # the kernels (or compiled CPU passes) ran the forward: also the backward
         sel = g > 0.5
         # A branch no example uses gets a zero input gradient, passed as a broadcast zero
         # (no memory pass), so that conv's backward can skip its work (e.g. S in a layer whose
@@ -348,8 +345,8 @@ class _GatedBNFunction(torch.autograd.Function):
         # every layer, and a captured graph cannot branch on it.)
         skip = g.device.type == "cpu" and not capturable
         ctx.used = (bool(sel.any()), not bool(sel.all())) if skip else (True, True)
-        if cpu is not None:  # the same pass in compiled code, z never built
-            return cpu.bn_apply(xf, xs, mask, st.scale.contiguous(), st.shift.contiguous())
+        if ops is not None:  # select (Eq. 1) and normalise (Eq. 5) in one pass, z never built
+            return ops.select_affine(xf, xs, mask, st.scale, st.shift)
         scale = torch.where(sel, st.scale[0], st.scale[1])[:, :, None, None]  # (B, C, 1, 1)
         shift = torch.where(sel, st.shift[0], st.shift[1])[:, :, None, None]
         return torch.addcmul(shift.to(z.dtype), z, scale.to(z.dtype))  # Eq. 5, z = Eq. 1
@@ -361,24 +358,21 @@ class _GatedBNFunction(torch.autograd.Function):
             xs = ctx.remake(xs)  # saved: S's input
         st = _Stats(*stats)
         dy = dy.contiguous()
-        if ctx.triton:  # one pass for the per-plane sums, one kernel for the coefficients
-            a, p = kernels.plane_sums(dy, xf, xs)  # (B, C), (2, B, C)
-            coeffs, dgb, dg = kernels.branch_coeffs(mask, _packed(st), st.use_batch, a, p)
+        if ctx.ops is not None:  # one pass for the per-plane sums, one kernel for the coefficients
+            a, p = ctx.ops.plane_sums(dy, xf, xs)  # (B, C), (2, B, C)
+            coeffs, dgb, dg = ctx.ops.branch_coeffs(mask, _packed(st), st.use_batch, a, p)
             k1, k2, k3 = coeffs  # (2, B, C) each
             dgamma, dbeta = dgb.to(mask.dtype)  # (2, C) each
         else:
-            if ctx.cpu is not None:
-                a, p = ctx.cpu.bn_sums(dy, xf, xs)  # (B, C), (2, B, C)
-            else:
-                a, p = _per_example_sums(dy, xf, xs, ctx.capturable)
+            a, p = _per_example_sums(dy, xf, xs, ctx.capturable)
             masks = torch.stack([mask, 1.0 - mask])  # (2, B, C): routed to F / to S
             k1, k2, k3, dgamma, dbeta = _backward_coeffs(st, masks, a, p)  # (2, B, C) each
             dg = _policy_grad(st, a, p) if ctx.needs_input_grad[2] else None
         dxs: list[Tensor | None] = []
-        if ctx.triton and all(ctx.needs_input_grad[:2]):
-            dxs += kernels.branch_grads(dy, xf, xs, mask, coeffs)
-        elif ctx.cpu is not None:
-            dxs += _cpu_grads(ctx, dy, xf, xs, mask, torch.stack([k1, k2, k3]))
+        if isinstance(ctx.ops, cpu_gate.Passes):
+            dxs += _compiled_grads(ctx, dy, xf, xs, mask, coeffs)
+        elif ctx.ops is not None and all(ctx.needs_input_grad[:2]):
+            dxs += ctx.ops.branch_grads(dy, xf, xs, mask, coeffs)
         else:
             k1, k2, k3 = (k[:, :, :, None, None].to(dy.dtype) for k in (k1, k2, k3))
             for i, (x, used, need) in enumerate(
@@ -401,18 +395,19 @@ class _GatedBNFunction(torch.autograd.Function):
             dbeta[0],
             dgamma[1],
             dbeta[1],
-            *([None] * 6),  # z, cpu, mask, source, remake, capturable
+            *([None] * 6),  # z, ops, mask, source, remake, capturable
             *([None] * len(stats)),
         )
 
 
-def _cpu_grads(
+def _compiled_grads(
     ctx: Any, dy: Tensor, xf: Tensor, xs: Tensor, mask: Tensor, k: Tensor
 ) -> list[Tensor | None]:
-    """Both branches' input gradients in one compiled pass (``k`` (3, 2, B, C)); a branch no
-    example uses gets a broadcast zero, one nobody asks for ``None``."""
+    """Both branches' input gradients in one compiled CPU pass (``k`` (3, 2, B, C)); a branch
+    no example uses gets a broadcast zero (its conv's backward skips it), one nobody asks for
+    ``None``."""
     want = [need and used for need, used in zip(ctx.needs_input_grad[:2], ctx.used, strict=True)]
-    grads = ctx.cpu.bn_grads(dy, xf, xs, mask, k, *want)
+    grads = ctx.ops.branch_grads(dy, xf, xs, mask, k, want=tuple(want))
     zero = dy.new_zeros(()).expand_as(dy)
     return [
         (g if w else zero) if need else None
@@ -420,15 +415,21 @@ def _cpu_grads(
     ]
 
 
-def _cpu_passes(xf: Tensor, xs: Tensor, capturable: bool) -> ModuleType | None:
-    """The compiled CPU passes (:mod:`.cpu_gate`, where built) for these branch outputs:
-    float32 contiguous CPU tensors, outside graph capture and tracing."""
-    if capturable or xf.device.type != "cpu" or not cpu_gate.ENABLED or is_compiling():
+def _passes(xf: Tensor, xs: Tensor, capturable: bool) -> Any:
+    """The per-plane passes for these branch outputs: the Triton kernels (:mod:`.kernels`:
+    CUDA, eager or CUDA-graph capture), the compiled CPU passes (:class:`.cpu_gate.Passes`:
+    float32 CPU tensors, not captured, where built), or ``None`` (the ATen path; also under
+    ``torch.compile``, which fuses its own)."""
+    if is_compiling() or not (xf.is_contiguous() and xs.is_contiguous()):
         return None
-    if not (xf.dtype == xs.dtype == torch.float32 and xf.is_contiguous() and xs.is_contiguous()):
+    if kernels.available(xf):
+        return kernels
+    if capturable or xf.device.type != "cpu" or not cpu_gate.ENABLED:
+        return None
+    if not xf.dtype == xs.dtype == torch.float32:
         return None
     module = cpu_gate.get()
-    return module if module is not None and hasattr(module, "bn_stats") else None
+    return cpu_gate.Passes(module) if module is not None and hasattr(module, "bn_coeffs") else None
 
 
 def _packed(st: _Stats) -> Tensor:
@@ -437,13 +438,6 @@ def _packed(st: _Stats) -> Tensor:
     if st.packed is not None:
         return st.packed
     return torch.stack([st.mean, st.rstd, st.scale, st.shift, st.count]).to(torch.float32)
-
-
-def _triton(xf: Tensor, xs: Tensor) -> bool:
-    """Use :mod:`.kernels` (CUDA, eager or CUDA-graph capture; torch.compile fuses its own)."""
-    return (
-        kernels.available(xf) and not is_compiling() and xf.is_contiguous() and xs.is_contiguous()
-    )
 
 
 def _affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -495,18 +489,16 @@ def gated_batch_norm(
     # A branch's statistics only involve its routed (example, channel) planes, which are
     # exactly the planes of the selection z: one statistics pass serves both branches.
     z: Tensor | None = None
-    cpu = None
-    if _triton(xf, xs):  # CUDA: per-plane kernels read only the selected branch
-        stats = kernels.plane_stats(xf, xs, mask) if training else None
-    elif (cpu := _cpu_passes(xf, xs, capturable)) is not None:  # the same, compiled for CPU
+    ops = _passes(xf, xs, capturable)
+    if ops is not None:  # per-plane passes that read only the selected branch
         mask = mask.contiguous()
-        stats = cpu.bn_stats(xf, xs, mask) if training else None
+        stats = ops.plane_stats(xf, xs, mask) if training else None
     else:
         with torch.no_grad():
             z = torch.where(mask[:, :, None, None] > 0.5, xf, xs)  # (B, C, H, W): Eq. 1
         stats = _per_example_stats(z, capturable) if training else None
-    if stats is not None and z is None and cpu is None and _fusable(bns, mask):
-        st = _kernel_stats(stats, hw, mask, bns, min_examples, min_values)
+    if stats is not None and ops is not None and _fusable(bns, mask):
+        st = _kernel_stats(ops, stats, hw, mask, bns, min_examples, min_values)
     else:
         masks = torch.stack([mask, 1.0 - mask])  # (2, B, C): routed to F / to S
         st = _both_stats(stats, hw, masks, bns, min_examples, min_values, capturable)
@@ -517,7 +509,7 @@ def gated_batch_norm(
         *_affine(bn_f, st.mean[0]),
         *_affine(bn_s, st.mean[1]),
         z,
-        cpu,
+        ops,
         mask,
         *(remake_xs if remake_xs is not None else (None, None)),
         capturable,
