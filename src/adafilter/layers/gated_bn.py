@@ -337,14 +337,16 @@ class _GatedBNFunction(torch.autograd.Function):
         ctx.remake = remake
         ctx.capturable = capturable
         ctx.ops = ops  # the kernels (or compiled CPU passes) ran the forward: also the backward
-        sel = g > 0.5
         # A branch no example uses gets a zero input gradient, passed as a broadcast zero
         # (no memory pass), so that conv's backward can skip its work (e.g. S in a layer whose
         # policy is all-F) while still handing the optimizer zero weight gradients.
         # (Only on CPU and not captured: on a GPU the host read would stall the launch queue
         # every layer, and a captured graph cannot branch on it.)
         skip = g.device.type == "cpu" and not capturable
-        ctx.used = (bool(sel.any()), not bool(sel.all())) if skip else (True, True)
+        sel = g > 0.5 if skip or ops is None else None  # (no launch the kernels do not need)
+        ctx.used = (
+            (bool(sel.any()), not bool(sel.all())) if sel is not None and skip else (True, True)
+        )
         if ops is not None:  # select (Eq. 1) and normalise (Eq. 5) in one pass, z never built
             return ops.select_affine(xf, xs, mask, st.scale, st.shift)
         scale = torch.where(sel, st.scale[0], st.scale[1])[:, :, None, None]  # (B, C, 1, 1)
