@@ -4,9 +4,9 @@
 #   OUT=/tmp/gpu STAGE=compile bash benchmarks/gpu_check.sh   # eager vs torch.compile rows
 # core: 1) the CUDA cases of the test suite (gated BN vs float64, autocast fp16/bf16, fast ==
 # dual path and device subsets, the Triton kernels vs eager, recompute_pretrained, torchrun with
-# two ranks on the GPU; 150 s); 2) benchmarks/speed.py on the GPU, training + memory (200 s; each
-# training row also with the kernels off) and eval (80 s) as two calls, rows saved as they
-# finish; 3) launches per training step (launch_count.py, 40 s); 4) the eval rows with the
+# two ranks on the GPU; 150 s); 2) benchmarks/speed.py on the GPU: memory, training (each row
+# also with the kernels off) and CUDA-graph rows in that order (200 s), and eval (80 s), as two
+# calls, rows saved as they finish; 3) launches per training step (launch_count.py, 40 s); 4) the eval rows with the
 # Triton kernels off (80 s). 550 s in all. Logs and result files go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/adafilter-gpu}

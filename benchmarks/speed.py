@@ -542,9 +542,15 @@ def _training_rows(
     device: torch.device,
     flush: Callable[[], None],
 ) -> None:
-    """The ``train``, ``train_cuda_graphs`` and ``memory`` rows ``only`` asks for; ``flush``
-    after each row (a run cut short by a time limit keeps the rows it finished)."""
+    """The ``memory``, ``train`` and ``train_cuda_graphs`` rows ``only`` asks for, in that
+    order (the targets' rows first); ``flush`` after each row (a run cut short by a time limit
+    keeps the rows it finished)."""
     big_batch = 8 if device.type == "cpu" else 64
+    if "memory" in only:
+        result["memory"] = []
+        for size in ((*big, big_batch), ("resnet18", 64, 32)):
+            result["memory"].append(bench_memory(*size, device))
+            flush()
     if "train" in only:
         rows = [
             (*big, big_batch, reps, device, None, p, p == "trained-like")
@@ -569,11 +575,6 @@ def _training_rows(
                 result["train_cuda_graphs"].append(bench_train_graphed(*args_))
             except Exception as exc:  # report, keep the other measurements
                 result["train_cuda_graphs"].append({"args": list(args_[:2]), "error": repr(exc)})
-            flush()
-    if "memory" in only:
-        result["memory"] = []
-        for size in ((*big, big_batch), ("resnet18", 64, 32)):
-            result["memory"].append(bench_memory(*size, device))
             flush()
 
 
