@@ -173,3 +173,21 @@ def test_compiled_passes_train_a_wrapped_network_like_eager(
     assert "bn_grads" in passes.calls
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_training_forward_starts_no_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    """Nothing built: the gated BN looks for the module but, unlike inference, never starts
+    the background build (a compile beside training would skew it); the ATen passes run."""
+    monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path))
+    for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
+        monkeypatch.setattr(cpu_gate, name, value)
+    monkeypatch.setattr(cpu_gate, "ENABLED", True)
+    monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
+    started: list[int] = []
+    monkeypatch.setattr(cpu_gate, "_build_in_background", lambda: started.append(1) or True)
+    out, _ = _run("cpu", True, "mixed", 0.1)
+    assert out.shape == (5, 6, 3, 3) and not started
+    monkeypatch.setattr(cpu_gate, "_next_look", 0.0)
+    assert cpu_gate.get() is None and started == [1]  # inference's lookup does start it

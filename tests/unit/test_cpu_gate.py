@@ -213,7 +213,7 @@ def test_built_kernel_equals_the_aten_step(built: object, monkeypatch: pytest.Mo
 # ---- the batch-1 compiled layer (gate step + recopy of changed filters + conv) -------------
 
 
-def _reference_module() -> SimpleNamespace:
+def _reference_module(**_: object) -> SimpleNamespace:
     """The kernel module's contract in ATen: ``step`` and ``Layer`` with the same arguments,
     in-place updates and staleness rule; ``.runs`` counts the layers it ran."""
 
@@ -416,7 +416,7 @@ def test_bound_layers_follow_parameter_changes(
     name: str, compiled_runs: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     module = _reference_module()
-    monkeypatch.setattr(cpu_gate, "get", lambda: module)
+    monkeypatch.setattr(cpu_gate, "get", lambda **_: module)
     _check_bound_layers_follow_changes(name, compiled_runs)
 
 
@@ -426,7 +426,9 @@ def test_compiled_layer_only_where_it_applies(
     """Batch > 1, gradients on, training, kept logits, non-learned modes, the CNN gate and
     a disabled kernel all keep the Python path."""
     module = _reference_module()
-    monkeypatch.setattr(cpu_gate, "get", lambda: module if cpu_gate.ENABLED else None)  # as get()
+    monkeypatch.setattr(
+        cpu_gate, "get", lambda **_: module if cpu_gate.ENABLED else None
+    )  # as get()
     model = _mixed_model("resnet18")
     x1, x2 = torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -450,7 +452,7 @@ def test_compiled_layer_only_where_it_applies(
     monkeypatch.setattr(cpu_gate, "ENABLED", True)
     with monkeypatch.context() as mp, torch.no_grad():
         # not built: not even a binding is attempted (decided once per forward)
-        mp.setattr(cpu_gate, "get", lambda: None)
+        mp.setattr(cpu_gate, "get", lambda **_: None)
         mp.setattr(GatedConv2dBN, "_bind", lambda *a: pytest.fail("tried to bind"))
         model(x1)
     cnn = wrap(torchvision.models.resnet18(num_classes=5), config=AdaFilterConfig(gate="cnn"))
@@ -491,7 +493,7 @@ def test_concurrent_batch1_forwards(
 ) -> None:
     if path == "compiled":
         module = _reference_module()
-        monkeypatch.setattr(cpu_gate, "get", lambda: module)
+        monkeypatch.setattr(cpu_gate, "get", lambda **_: module)
     else:
         monkeypatch.setattr(cpu_gate, "ENABLED", False)
     _check_threads_share_banks_safely()

@@ -613,12 +613,13 @@ def _ninja() -> bool:
     return _cpp_extension().is_ninja_available()
 
 
-def get() -> ModuleType | None:
+def get(*, build: bool = True) -> ModuleType | None:
     """The built kernel module, or ``None`` (not built yet, disabled, or unloadable).
 
     Where it is not built, a C++ toolchain is present and :data:`AUTO_BUILD` is on, the first
     call starts ``adafilter build-kernels`` in the background and returns ``None``; later calls
     look for the library every :data:`LOOK_EVERY_S` seconds while that build runs.
+    ``build=False`` (training's callers) only looks, as inside :func:`builds_paused`.
     """
     global _module, _next_look
     if not ENABLED or _module is not None:
@@ -638,7 +639,7 @@ def get() -> ModuleType | None:
                 stacklevel=2,
             )
         return _module
-    if AUTO_BUILD and (_paused or _build_in_background()):
+    if AUTO_BUILD and (_paused or not build or _build_in_background()):
         _next_look = now + LOOK_EVERY_S  # look (or start) again later
     return None
 

@@ -430,7 +430,7 @@ def _passes(xf: Tensor, xs: Tensor, capturable: bool) -> Any:
         return None
     if not xf.dtype == xs.dtype == torch.float32:
         return None
-    module = cpu_gate.get()
+    module = cpu_gate.get(build=False)  # a forward starts no build (training never beside one)
     return cpu_gate.Passes(module) if module is not None and hasattr(module, "bn_coeffs") else None
 
 
