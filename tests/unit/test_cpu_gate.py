@@ -508,3 +508,29 @@ def test_built_compiled_layers(name: str, built: object, compiled_runs: list[int
     _check_bound_layers_follow_changes(name, compiled_runs)
     if name == "resnet18":
         _check_threads_share_banks_safely()
+
+
+def test_a_failed_foreground_build_is_not_retried_before_training(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ensure() builds in the foreground once; a failure warns, is recorded and is not tried
+    again by the next ensure() (every training run would wait for it); a build that succeeds
+    (``adafilter build-kernels``) clears the record."""
+    import torch.utils.cpp_extension as ext
+
+    _toolchain(monkeypatch, True)
+    monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
+    tries: list[int] = []
+
+    def failing(**kw: object) -> None:
+        tries.append(1)
+        raise OSError("no Python.h")
+
+    monkeypatch.setattr(ext, "load_inline", failing)
+    with pytest.warns(RuntimeWarning, match="no Python.h"):
+        assert cpu_gate.ensure() is None
+    assert cpu_gate.failed_marker().is_file() and tries == [1]
+    assert cpu_gate.ensure() is None and tries == [1]  # not again
+    monkeypatch.setattr(ext, "load_inline", lambda **kw: SimpleNamespace())
+    cpu_gate.build()
+    assert not cpu_gate.failed_marker().exists()

@@ -587,6 +587,7 @@ def build(*, verbose: bool = False) -> Path:
             "compiler and ninja (pip install ninja); inference keeps the ATen step"
         ) from exc
     _next_look = math.inf
+    failed_marker().unlink(missing_ok=True)
     return _library()
 
 
@@ -649,12 +650,14 @@ def ensure(*, say: Callable[[str], None] | None = None) -> ModuleType | None:
     allowed (:data:`AUTO_BUILD`) and a C++ compiler and ninja are present; ``None`` where it
     is turned off, not allowed to build, or the build failed (one warning). For a caller
     about to run for a while that would rather wait a minute once than start a background
-    build beside its work (training, benchmarks). ``say`` announces a build."""
+    build beside its work (training, benchmarks). ``say`` announces a build. A failed build is
+    recorded (:func:`failed_marker`) and not retried here until ``adafilter build-kernels``
+    succeeds: every training run would otherwise wait for the same failure."""
     if not ENABLED:
         return None
     with builds_paused():
         module = get()
-    if module is not None or not AUTO_BUILD:
+    if module is not None or not AUTO_BUILD or failed_marker().exists():
         return module
     if shutil.which(os.environ.get("CXX", "c++")) is None or not _ninja():
         return None
@@ -666,9 +669,23 @@ def ensure(*, say: Callable[[str], None] | None = None) -> ModuleType | None:
     try:
         build()
     except RuntimeError as exc:
-        warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
+        from ..utils.io import atomic_write_text
+
+        failed_marker().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(failed_marker(), f"{exc}\n")
+        warnings.warn(
+            f"{exc} (not tried again before training; `adafilter build-kernels` retries)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return _module
+
+
+def failed_marker() -> Path:
+    """Written by :func:`ensure` when a build failed (the error), removed by a build that
+    succeeds."""
+    return build_directory() / "failed"
 
 
 _paused = 0
