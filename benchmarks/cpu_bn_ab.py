@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from paths import code_commit
-from speed import _build, _cpu_model, _train_step_fn, _without, ensure_cpu_gate
+from speed import _build, _cpu_model, _interleaved, _train_step_fn, _without, ensure_cpu_gate
 from torch import nn
 
 from adafilter import AdaFilterConfig, wrap
@@ -42,19 +39,6 @@ def _network(name: str) -> nn.Module:
     return _build(name, torch.device("cpu"))
 
 
-def _medians(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
-    """Median seconds of each fn; rounds alternate between forward and reversed order."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(reps):
-        for k in list(fns) if r % 2 == 0 else list(fns)[::-1]:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def measure(name: str, reps: int | None = None) -> dict:
     """One network's row: medians (s) and each variant's ratio to plain fine-tuning."""
     res, batch, default_reps = SIZES[name]
@@ -67,7 +51,7 @@ def measure(name: str, reps: int | None = None) -> dict:
     for copy_ in ("a", "b"):
         fns[f"compiled_{copy_}"] = _train_step_fn(copy.deepcopy(ada), x, y)
         fns[f"aten_{copy_}"] = _without(cpu_gate, _train_step_fn(copy.deepcopy(ada), x, y))
-    med = _medians(fns, reps or default_reps)
+    med = _interleaved(fns, reps or default_reps, torch.device("cpu"), alternate=True)
     ratio = {k: v / med["finetune"] for k, v in med.items() if k != "finetune"}
     return {
         "network": name,

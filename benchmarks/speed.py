@@ -65,16 +65,23 @@ def _sync(device: torch.device) -> None:
 
 
 def _interleaved(
-    fns: dict[str, Callable[[], None]], reps: int, device: torch.device, warmup: int | None = None
+    fns: dict[str, Callable[[], None]],
+    reps: int,
+    device: torch.device,
+    warmup: int | None = None,
+    *,
+    alternate: bool = False,
 ) -> dict[str, float]:
-    """Median seconds of each fn, repetitions interleaved (a, b, a, b, ...)."""
+    """Median seconds of each fn, repetitions interleaved (a, b, a, b, ...); ``alternate``:
+    every other round in reversed order (b, a), so no fn always runs right after another."""
     # CUDA: a few warm-up calls keep cuDNN's algorithm search and allocator growth out
     for _ in range(warmup if warmup is not None else (3 if device.type == "cuda" else 1)):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    for r in range(reps):
+        for k in list(fns)[:: -1 if alternate and r % 2 else 1]:
+            fn = fns[k]
             _sync(device)
             t = time.perf_counter()
             fn()

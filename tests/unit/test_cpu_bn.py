@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_kernels import _run
+from test_kernels import _run, tiny_net
 from torch import Tensor, nn
 
 from adafilter import AdaFilterConfig, wrap
@@ -138,14 +138,6 @@ def test_compiled_passes_equal_the_eager_gated_bn(
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def _net() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("bias", [0.0, 3.0])  # mixed policies; every filter from F
 def test_compiled_passes_train_a_wrapped_network_like_eager(
     passes: SimpleNamespace, bias: float
@@ -155,7 +147,7 @@ def test_compiled_passes_train_a_wrapped_network_like_eager(
     broadcast zero (S's backward skipped), as on the eager path."""
     torch.manual_seed(3)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
-    model = wrap(_net(), AdaFilterConfig(gate_bias_init=bias), example_input=x).train()
+    model = wrap(tiny_net(), AdaFilterConfig(gate_bias_init=bias), example_input=x).train()
     results = []
     for on in (True, False):
         cpu_gate.ENABLED = on

@@ -184,19 +184,23 @@ def _compare_gate_train(
         assert set(results[True][0][0].unique().tolist()) <= {0.0, 1.0}
 
 
+def tiny_net() -> nn.Module:
+    """Two conv-BN-ReLU layers and a head: 3 x 8 x 8 inputs, 5 classes."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
+    )  # fmt: skip
+
+
 def _compare_model_step(device: str) -> None:
     """A wrapped network's training step, kernels on vs off: the gate's steps share one
     packed LSTM and return the thresholded policy; every parameter's gradient and the BNs'
     buffers agree."""
     torch.manual_seed(3)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5),
-    )  # fmt: skip
     x = torch.randn(4, 3, 8, 8)
     cfg = AdaFilterConfig(gate_bias_init=0.0)
-    model = wrap(net, cfg, example_input=x).to(device).train()
+    model = wrap(tiny_net(), cfg, example_input=x).to(device).train()
     x = x.to(device)
     results = []
     for on in (True, False):
