@@ -4,7 +4,9 @@ Prints one JSON object (and writes it to benchmarks/results/speed.json unless --
 training-step time ratio, peak training memory ratio (RSS on CPU, max_memory_allocated on
 GPU), eval latency at batch 1 (fast path, and the naive dual path for reference) and eval time
 at batch 32 (trained-like and random policies). Repetitions are interleaved and medians
-reported, so machine load affects both sides alike.
+reported, so machine load affects both sides alike. On CPU the process keeps freed memory
+for reuse as `adafilter train` does (`adafilter.utils.allocator`; ADAFILTER_MALLOC=0: glibc's
+defaults, under which the interleaved models page-fault one another's freed activations).
 
     python benchmarks/speed.py                       # ResNet-50 @224 and ResNet-18 @64
     python benchmarks/speed.py --quick               # small sizes, a smoke run
@@ -34,6 +36,7 @@ from torch import nn
 
 from adafilter import AdaFilterConfig, AdaFilterModel, wrap
 from adafilter.layers import cpu_gate, kernels
+from adafilter.utils.allocator import keep_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -654,6 +657,8 @@ def _save(
 
 def main() -> None:
     args = _parse_args()
+    # as `adafilter train` on CPU (ADAFILTER_MALLOC=0: glibc's defaults, children included)
+    kept = torch.device(args.device).type == "cpu" and keep_freed_memory()
     if args.memory_child:
         a, r, b, m, d = args.memory_child
         _memory_child(a, int(r), int(b), m, d)
@@ -679,6 +684,7 @@ def main() -> None:
 
     if device.type == "cpu":  # the default CPU path (compiled gated BN and gate) throughout
         result["cpu_kernels"] = ensure_cpu_gate()
+        result["malloc_keeps_freed_memory"] = kept
     _training_rows(result, only, big, reps, device, flush)
     _inference_rows(result, only, big, reps, device, args, flush)
     result["complete"] = True

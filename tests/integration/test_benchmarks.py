@@ -10,17 +10,27 @@ from pathlib import Path
 
 import pytest
 
+from adafilter.utils import allocator
 from conftest import has_toolchain
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # a subprocess benchmark run
+GLIBC = allocator._glibc() is not None
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The benchmark's environment: one thread, a fresh cache, the allocator's defaults."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", allocator.ENV: "1", **extra}
+    for name in allocator._USER_SETTINGS:
+        env.pop(name, None)
+    env["ADAFILTER_HOME"] = str(tmp_path / "home")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return env
 
 
 def test_speed_benchmark_quick_prints_every_ratio(tmp_path: Path) -> None:
     # the compiled CPU code built first, in a fresh cache, as the benchmark does for users
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ADAFILTER_CPU_GATE": "1"}
-    env["ADAFILTER_HOME"] = str(tmp_path / "home")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env = _env(tmp_path, ADAFILTER_CPU_GATE="1")
     out = tmp_path / "speed.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out)]
@@ -34,6 +44,7 @@ def test_speed_benchmark_quick_prints_every_ratio(tmp_path: Path) -> None:
     r = json.loads(proc.stdout)
     assert {"torch", "threads", "cpu", "device"} <= set(r)
     assert r["cpu_kernels"] == has_toolchain()
+    assert r["malloc_keeps_freed_memory"] == GLIBC  # as `adafilter train` on CPU
     assert r["complete"] and json.loads(out.read_text()) == r  # rows saved as they finish
     policies = [t["policy"] for t in r["train"]]
     assert policies == ["init", "trained-like", "random", "init", "random"]
@@ -71,3 +82,25 @@ def test_speed_benchmark_turns_the_kernels_off_for_one_call_only() -> None:
     with pytest.raises(RuntimeError):
         speed._without(kernels, fail)()
     assert kernels.ENABLED
+
+
+def test_malloc_ab_measures_each_setting_in_fresh_processes(tmp_path: Path) -> None:
+    out = tmp_path / "malloc.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "malloc_ab.py"), "--arch", "resnet18"]
+        + ["--rounds", "1", "--warmup", "1", "--steps", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=_env(tmp_path, ADAFILTER_CPU_GATE="0"),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == r
+    (row,) = r["rows"]
+    cases = {f"{s}/{m}" for s in ("glibc_default", "kept") for m in ("finetune", "adafilter")}
+    assert set(row["median"]) == cases
+    for case, med in row["median"].items():  # each process set (or left) its own allocator
+        assert med["kept"] == (GLIBC and case.startswith("kept/"))
+        assert med["step_s"] > 0 and med["faults_per_step"] >= 0
+    assert set(row["ratio"]) == {"glibc_default", "kept"} and all(row["ratio"].values())

@@ -235,11 +235,15 @@ def test_training_builds_the_cpu_code_first_and_nothing_beside_it(
     """A CPU run of a gated method compiles the CPU code in the foreground before training
     where it is missing (its gated BN passes speed training up; fine-tuning needs none), and
     evaluation inside training starts no background build (it would skew the run's
-    throughput); the first inference afterwards does."""
+    throughput); the first inference afterwards does. Every CPU run (any method) keeps freed
+    memory in the process for reuse first (glibc's thresholds, ``utils/allocator.py``)."""
     from adafilter.layers import cpu_gate
+    from adafilter.training import fit
 
     started: list[int] = []
     built: list[int] = []
+    kept: list[int] = []
+    monkeypatch.setattr(fit, "keep_freed_memory", lambda **kw: kept.append(1) or True)
     monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path / "home"))
     for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
         monkeypatch.setattr(cpu_gate, name, value)
@@ -251,7 +255,7 @@ def test_training_builds_the_cpu_code_first_and_nothing_beside_it(
     monkeypatch.setattr(cpu_gate, "_build_in_background", lambda: started.append(1) or True)
     out = tmp_path / "run"
     assert main(train_args(tiny["data"], out, method, "--epochs", "1", "--quiet")) == 0
-    assert built == ([1] if method == "adafilter" else []) and not started
+    assert built == ([1] if method == "adafilter" else []) and not started and kept == [1]
     monkeypatch.setattr(cpu_gate, "_next_look", 0.0)
     assert cpu_gate.get() is None and started == [1]
 
