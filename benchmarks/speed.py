@@ -31,7 +31,7 @@ from types import ModuleType
 
 import torch
 import torchvision
-from paths import repo_relative
+from paths import code_commit, repo_relative
 from torch import nn
 
 from adafilter import AdaFilterConfig, AdaFilterModel, wrap
@@ -669,6 +669,7 @@ def main() -> None:
     reps = args.reps or (3 if args.quick else 7)
     result: dict = {
         "torch": torch.__version__,
+        "commit": code_commit(__file__),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "cpu": _cpu_model(),

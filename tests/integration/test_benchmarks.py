@@ -42,7 +42,7 @@ def test_speed_benchmark_quick_prints_every_ratio(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
-    assert {"torch", "threads", "cpu", "device"} <= set(r)
+    assert {"torch", "commit", "threads", "cpu", "device"} <= set(r)
     assert r["cpu_kernels"] == has_toolchain()
     assert r["malloc_keeps_freed_memory"] == GLIBC  # as `adafilter train` on CPU
     assert r["complete"] and json.loads(out.read_text()) == r  # rows saved as they finish
