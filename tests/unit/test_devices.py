@@ -32,6 +32,7 @@ PRECISIONS = [
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.detach()
     return float((got.detach().double().cpu() - want).norm() / want.norm().clamp(min=1e-30))
 
 
