@@ -89,7 +89,7 @@ def test_policy_cost_pushes_every_logit_towards_s() -> None:
     task = make_task(16, seed=0)
     model(task.x)
     cost = model.policy_loss()
-    assert float(cost) == pytest.approx(1.0)  # bias 3: every filter fine-tuned
+    assert float(cost.detach()) == pytest.approx(1.0)  # bias 3: every filter fine-tuned
     cost.backward()
     for head in model.gate.heads:  # d cost / d bias > 0 for every filter: descent lowers it
         assert bool((head.bias.grad > 0).all())
