@@ -1,1 +1,2 @@
-"""Small shared tools: the one atomic writer, downloader, seeding helper and ``set_submodule``."""
+"""Small shared tools: the one atomic writer, downloader, seeding helper and ``set_submodule``;
+the CPU training allocator setting."""

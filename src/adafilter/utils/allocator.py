@@ -6,7 +6,8 @@ step's activations of the same size then fault in fresh, zeroed pages. A ResNet-
 at batch 8 allocates and frees activations of 6-50 MB every layer; AdaFilter, which keeps both
 branches' outputs, crossed the trim threshold every step and took ~50-100k page faults per step
 (fine-tuning: 0-40k), measured with ``getrusage`` (see README, *CPU training*). Fixing both
-thresholds (which also stops glibc's dynamic adjustment of them) keeps the blocks for reuse.
+thresholds (which also stops glibc's dynamic adjustment of them) keeps the blocks for reuse;
+blocks above 32 MB, glibc's largest mmap threshold, are still mapped afresh.
 PyTorch's own CPU launcher (``torch.backends.xeon.run_cpu``) gets the same effect by preloading
 jemalloc or tcmalloc; this is the in-process equivalent for glibc.
 """
