@@ -6,7 +6,9 @@ turns on the same batch, the order reversed every round (the two copies of each 
 the spread from model copies and order alone); medians. Policies: the gate at head bias 0
 (each example takes about half of each layer's filters from each branch). Networks: the
 demo's CIFAR ResNet-20 @28 batch 32, torchvision ResNet-18 @64 batch 32 and ResNet-50 @224
-batch 8, random weights. Prints one JSON object; ``--out FILE`` writes it (atomically).
+batch 8, random weights. The process keeps freed memory as a CPU training run does
+(``ADAFILTER_MALLOC=0``: glibc's defaults). Prints one JSON object; ``--out FILE`` writes it
+(atomically).
 
     python benchmarks/cpu_bn_ab.py --out benchmarks/results/cpu-bn-ab.json
 """
@@ -26,6 +28,7 @@ from torch import nn
 from adafilter import AdaFilterConfig, wrap
 from adafilter.backbones import build_backbone
 from adafilter.layers import cpu_gate
+from adafilter.utils.allocator import keep_freed_memory
 from adafilter.utils.io import atomic_write_json
 
 # name -> (input size, batch, repetitions)
@@ -72,6 +75,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="default: per network (40/20/8)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    kept = keep_freed_memory()  # as a CPU training run (ADAFILTER_MALLOC=0: glibc's defaults)
     if not ensure_cpu_gate():
         raise SystemExit("error: the compiled CPU code cannot be built or is turned off here")
     torch.set_num_threads(args.threads)
@@ -80,6 +84,7 @@ def main() -> None:
         "commit": code_commit(cpu_gate.__file__),
         "cpu": _cpu_model(),
         "threads": args.threads,
+        "malloc_keeps_freed_memory": kept,
         "torch": torch.__version__,
         "rows": [measure(n, args.reps) for n in args.networks.split(",")],
     }
