@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -11,8 +10,7 @@ import pytest
 
 from adafilter.utils import allocator
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-_VERSION = tuple(int(p) for p in (platform.libc_ver()[1] or "0.0").split(".")[:2])
+VERSION = allocator.glibc_version()
 
 # A 31 MB block (a large activation): mmapped and unmapped again under glibc's defaults (their
 # threshold starts at 128 kB), from the heap and kept there for reuse with the thresholds fixed
@@ -57,7 +55,7 @@ def _run(setting: str) -> tuple[bool, int, int, float]:
     return out[0] == "True", int(out[1]), int(out[2]), float(out[3])
 
 
-@pytest.mark.skipif(not GLIBC or _VERSION < (2, 33), reason="glibc >= 2.33 (mallinfo2) only")
+@pytest.mark.skipif(VERSION is None or VERSION < (2, 33), reason="glibc >= 2.33 (mallinfo2)")
 def test_freed_blocks_stay_in_the_heap_for_reuse() -> None:
     kept, mapped, free_heap, faults = _run("1")
     assert kept and mapped == 0 and free_heap >= 30  # from the heap, and kept there
@@ -125,6 +123,14 @@ def test_a_refusal_or_another_c_library_changes_nothing(
 
 
 def test_finds_glibc_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert (allocator._glibc() is not None) == GLIBC
-    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("musl", "1.2"))
-    assert allocator._glibc() is None
+    assert (allocator._glibc() is not None) == (VERSION is not None)
+    monkeypatch.setattr(allocator.os, "confstr", lambda name: "musl 1.2.4")
+    assert allocator.glibc_version() is None and allocator._glibc() is None
+
+    def missing(name: str) -> str:
+        raise ValueError("unrecognized configuration name")  # macOS, Windows
+
+    monkeypatch.setattr(allocator.os, "confstr", missing)
+    assert allocator.glibc_version() is None
+    monkeypatch.setattr(allocator.os, "confstr", lambda name: "glibc 2.17")
+    assert allocator.glibc_version() == (2, 17)

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 from collections.abc import Callable
 
-__all__ = ["ENV", "keep_freed_memory"]
+__all__ = ["ENV", "glibc_version", "keep_freed_memory"]
 
 #: ``ADAFILTER_MALLOC=0`` leaves glibc's defaults alone.
 ENV = "ADAFILTER_MALLOC"
@@ -74,8 +73,18 @@ def _user_chose() -> bool:
     )
 
 
+def glibc_version() -> tuple[int, int] | None:
+    """The running glibc's ``(major, minor)``, or ``None`` on another C library."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+        major, minor = version.split(".")[:2]
+        return (int(major), int(minor)) if name == "glibc" else None
+    except (AttributeError, ValueError, OSError):  # None (undefined), musl, macOS, Windows
+        return None
+
+
 def _glibc() -> ctypes.CDLL | None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if glibc_version() is None:
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
