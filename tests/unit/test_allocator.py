@@ -47,6 +47,7 @@ print(kept, (during.hblkhd - before.hblkhd) >> 20, (after.fordblks - before.ford
 def _run(setting: str) -> tuple[bool, int, int, float]:
     """(kept, MB mmapped for the 31 MB block, MB of free heap kept after it, faults per step)."""
     env = {**os.environ, allocator.ENV: setting, "OMP_NUM_THREADS": "1", "LD_PRELOAD": ""}
+    env.pop("GLIBC_TUNABLES", None)
     for name in allocator._USER_SETTINGS:
         env.pop(name, None)
     out = subprocess.run(
@@ -79,7 +80,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> _FakeLibc:
     libc = _FakeLibc()
     monkeypatch.setattr(allocator, "_done", False)
     monkeypatch.setattr(allocator, "_glibc", lambda: libc)
-    for name in (allocator.ENV, "LD_PRELOAD", *allocator._USER_SETTINGS):
+    for name in (allocator.ENV, "LD_PRELOAD", "GLIBC_TUNABLES", *allocator._USER_SETTINGS):
         monkeypatch.delenv(name, raising=False)
     return libc
 
@@ -100,6 +101,7 @@ def test_sets_both_thresholds_once(fake: _FakeLibc) -> None:
         (allocator.ENV, "0"),
         ("MALLOC_TRIM_THRESHOLD_", "1000000"),
         ("MALLOC_MMAP_THRESHOLD_", "1000000"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000"),
         ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
         ("LD_PRELOAD", "libtcmalloc_minimal.so.4"),
     ],

@@ -40,7 +40,8 @@ def keep_freed_memory(*, say: Callable[[str], None] | None = None) -> bool:
 
     Process-wide and once per process; call it before a CPU training run (``adafilter train``
     does, for every method). Does nothing with ``ADAFILTER_MALLOC=0``, where the user set glibc's
-    ``MALLOC_*_`` variables or preloaded another allocator, or on a C library other than glibc.
+    ``MALLOC_*_`` variables or ``glibc.malloc`` tunables or preloaded another allocator, or on a
+    C library other than glibc.
 
     Args:
         say: Logs one line when the thresholds are set.
@@ -68,8 +69,10 @@ def keep_freed_memory(*, say: Callable[[str], None] | None = None) -> bool:
 
 def _user_chose() -> bool:
     preload = os.environ.get("LD_PRELOAD", "")
-    return any(k in os.environ for k in _USER_SETTINGS) or any(
-        name in preload for name in _OTHER_ALLOCATORS
+    return (
+        any(k in os.environ for k in _USER_SETTINGS)
+        or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+        or any(name in preload for name in _OTHER_ALLOCATORS)
     )
 
 
