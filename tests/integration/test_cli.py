@@ -46,7 +46,7 @@ def test_unknown_augmentation(
 ) -> None:
     argv = train_args(trained["data"], tmp_path / "o") + ["--augment", "mixup"]
     line = one_line_error(capsys, argv)
-    assert "augment must be one of resized-crop, pad-crop, none, got 'mixup'" in line
+    assert "augment must be one of resized-crop, random-crop, pad-crop, none, got 'mixup'" in line
     assert not (tmp_path / "o").exists()  # refused before anything is written
 
 

@@ -53,7 +53,8 @@ def _reference() -> SimpleNamespace:
         use = ((k >= min_examples) & (n >= min_values)) | whole
         w, b, rm, rv = (torch.stack([bn[i], bn[5 + i]]) for i in range(4))  # (2, C) copies
         m_used = torch.where(use, mu, rm)
-        rstd = (torch.where(use, v, rv) + torch.tensor(hp[:2])[:, None]).rsqrt()
+        stored = torch.where(rv > 0, rv, torch.ones_like(rv))  # 0 is no estimate
+        rstd = (torch.where(use, v, stored) + torch.tensor(hp[:2])[:, None]).rsqrt()
         scale = w * rstd
         unbiased = v * n / (n - 1).clamp(min=1)
         for r in range(2):

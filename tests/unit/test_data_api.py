@@ -46,7 +46,7 @@ def _tree(root: Path, broken: tuple[str, ...] = ()) -> Path:
     return root
 
 
-@pytest.mark.parametrize("augment", ["resized-crop", "pad-crop", "none"])
+@pytest.mark.parametrize("augment", ["resized-crop", "random-crop", "pad-crop", "none"])
 @pytest.mark.parametrize("resolution", [32, 224])
 @pytest.mark.parametrize("mode", ["1", "L", "RGB", "RGBA", "P"])
 def test_transforms_shape_and_channels(resolution: int, mode: str, augment: str) -> None:
@@ -75,6 +75,25 @@ def test_pad_crop_augmentation_keeps_the_whole_image() -> None:
     assert (eval_resize(28), eval_resize(28, "pad-crop"), eval_resize(28, "none")) == (32, 28, 28)
     with pytest.raises(ValueError, match="augment must be one of"):
         build_transforms(True, resolution=8, augment="mixup")
+
+
+def test_random_crop_augmentation_shifts_a_fixed_scale_view() -> None:
+    """``random-crop``: resize to R*256/224 and take a random R crop: the square keeps its
+    resized size (16 * 32/28 px a side, never rescaled or cut here) and moves; evaluation is
+    the resized-crop's centre crop."""
+    img = Image.new("L", (28, 28), 0)
+    img.paste(255, (6, 6, 22, 22))
+    stats = dict(resolution=28, mean=(0, 0, 0), std=(1, 1, 1))
+    ev = build_transforms(False, augment="random-crop", **stats)(img)
+    assert torch.equal(ev, build_transforms(False, augment="resized-crop", **stats)(img))
+    assert eval_resize(28, "random-crop") == 32
+    torch.manual_seed(0)
+    side, centres = 16 * 32 / 28, set()
+    for _ in range(20):
+        x = build_transforms(True, augment="random-crop", **stats)(img)[0]
+        assert x.sum().item() == pytest.approx(side * side, rel=0.02)
+        centres.add(round((x.sum(0) * torch.arange(28.0)).sum().item() / x.sum().item()))
+    assert len(centres) > 1  # the crop moves
 
 
 def test_eval_transform_normalises_with_given_stats() -> None:

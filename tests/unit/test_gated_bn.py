@@ -176,3 +176,22 @@ def test_variance_is_numerically_stable_for_large_offsets():
     y = gated_batch_norm(xf, xf.clone(), g, bn_f, bn_s, training=True)
     want = F.batch_norm(xf.double(), None, None, training=True, eps=1e-5).float()
     torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("stored", [0.0, float("nan")])
+def test_degenerate_branch_with_no_stored_variance_normalises_with_one(stored: float) -> None:
+    """A degenerate branch normalises with its running statistics; a stored variance of 0
+    (or NaN) is no estimate, so BN's initial variance 1 stands in, not ``1/sqrt(eps)``."""
+    b, c = 8, 3
+    gen = torch.Generator().manual_seed(0)
+    xf, xs = torch.randn(b, c, 1, 1, generator=gen), torch.randn(b, c, 1, 1, generator=gen)
+    g = (torch.arange(b) % 2).float()[:, None].expand(b, c).contiguous()  # 4 and 4: degenerate
+    bn_f, bn_s = random_bns(c)
+    with torch.no_grad():
+        bn_f.running_var[1] = stored
+    y = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=True)
+    rows = g[:, 1] > 0.5
+    expect = (xf[rows, 1] - bn_f.running_mean[1]) / (1.0 + bn_f.eps) ** 0.5
+    torch.testing.assert_close(y[rows, 1], expect * bn_f.weight[1] + bn_f.bias[1])
+    assert torch.isfinite(y).all() and y.abs().max() < 20
+    assert bn_f.running_var[1].item() == stored or stored != stored  # left as it was

@@ -51,8 +51,10 @@ def _run(
 ) -> tuple[torch.Tensor, list]:
     """Gated BN on a batch with degenerate, whole and mixed channels (``routing="mixed"``), or
     one example routed wholly to F / to S (a standard BN by the whole-branch rule, though
-    below ``min_examples``): output, grads, BN state. ``momentum=None`` (a cumulative average
-    in BN_F) keeps the eager statistics before the kernels' backward."""
+    below ``min_examples``): output, grads, BN state. In ``"mixed"`` the degenerate F channel
+    stores a variance of 0 (it must normalise with 1, not divide by ``sqrt(eps)``).
+    ``momentum=None`` (a cumulative average in BN_F) keeps the eager statistics before the
+    kernels' backward."""
     gen = torch.Generator().manual_seed(0)
     b, c, h, w = (5, 6, 3, 3) if routing == "mixed" else (1, 6, 3, 3)
     xf = torch.randn(b, c, h, w, generator=gen).to(device).requires_grad_(True)
@@ -66,6 +68,9 @@ def _run(
         g.fill_(1.0 if routing == "all_f" else 0.0)
     g = g.to(device).requires_grad_(True)
     bn_f, bn_s = _bns(c, device, momentum)
+    if routing == "mixed":
+        with torch.no_grad():  # a stored variance of 0 where the lone F example normalises
+            bn_f.running_var[1] = 0.0
     out = gated_batch_norm(xf, xs, g, bn_f, bn_s, training=training)
     weight = torch.linspace(-1, 2, out.numel(), device=device).view_as(out)
     (out * weight).sum().backward()

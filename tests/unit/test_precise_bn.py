@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -88,16 +90,19 @@ def test_gated_bn_branches_equal_masked_statistics(mode: str) -> None:
     for h in hooks:
         h.remove()
     mixed = 0
+    last = len(_batches())  # a degenerate branch makes it run more passes: the last one counts
+    assert len(policies[next(iter(layers))]) % last == 0
     for name, layer in layers.items():
         for conv, bn, take in ((layer.conv_f, layer.bn_f, True), (layer.conv_s, layer.bn_s, False)):
-            outs = [conv(x) for x in inputs[name]]  # (B, C, H, W) per batch
-            masks = [p == take for p in policies[name]]  # (B, C) routed to this branch
+            outs = [conv(x) for x in inputs[name][-last:]]  # (B, C, H, W) per batch
+            masks = [p == take for p in policies[name][-last:]]  # (B, C) routed to this branch
             for c in range(bn.num_features):
                 vals = torch.cat(
                     [o[m[:, c], c].flatten() for o, m in zip(outs, masks, strict=True)]
                 )
-                if vals.numel() < 2:
-                    continue  # no example: statistics kept (checked below)
+                k = sum(int(m[:, c].sum()) for m in masks)
+                if not (k >= 2 and vals.numel() >= 16):
+                    continue  # too few values: statistics kept (test below)
                 mixed += 1
                 ref_mean = vals.double().mean()
                 ref_var = vals.double().var(correction=1)
@@ -142,3 +147,117 @@ def test_batch1_cache_survives_inference_mode_then_no_grad() -> None:
         c = model(x[:1])
     torch.testing.assert_close(a.clone(), c)
     assert b.shape == (1, 4)
+
+
+def _net_1x1() -> nn.Module:
+    """A conv-BN whose output is 1x1 (input 2x2, stride 2), then a head."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    with torch.no_grad():
+        net[1].running_mean.fill_(3.0)
+        net[1].running_var.fill_(7.0)
+    return net
+
+
+def test_one_by_one_maps_keep_statistics_of_channels_with_too_few_values() -> None:
+    """Mixed routing at 1x1: a branch's channel with fewer than 16 routed values (or 2
+    examples) keeps its statistics; one with enough gets the exact ones; none stores 0."""
+    x1 = torch.zeros(1, 3, 2, 2)
+    model = adafilter.wrap(_net_1x1(), adafilter.AdaFilterConfig(), example_input=x1)
+    model.set_policy_mode("random", p=0.5, seed=0)
+    layer = next(iter(model.gated_layers().values()))
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(b, 3, 2, 2, generator=gen) for b in (2, 3, 1)]  # 6 values a channel
+    seen = []
+    recalibrate_bn(model, batches, forward=lambda x: (model(x), seen.append(model.policies)))
+    for bn in (layer.bn_f, layer.bn_s):
+        assert torch.equal(bn.running_mean, torch.full((8,), 3.0))
+        assert torch.equal(bn.running_var, torch.full((8,), 7.0))
+    more = [torch.randn(8, 3, 2, 2, generator=gen) for _ in range(6)]  # 48 values a channel
+    recalibrate_bn(model, more)
+    for bn in (layer.bn_f, layer.bn_s):
+        assert bool((bn.running_var > 0).all())
+        assert bool((bn.running_var != 7.0).any())
+
+
+# (spatial size, batch sizes of the calibration and training batches, routing probability)
+ROUTINGS = [
+    (1, 2, 0.5),
+    (1, 3, 0.2),
+    (1, 8, 0.5),
+    (2, 2, 0.8),
+    (2, 5, 0.5),
+    (3, 4, 0.3),
+    (3, 7, 0.5),
+    (4, 2, 0.5),
+    (4, 8, 0.9),
+    (1, 6, 0.7),
+]
+
+
+@pytest.mark.parametrize("size, batch, p", ROUTINGS)
+def test_stored_variances_stay_positive_and_training_finite(
+    size: int, batch: int, p: float
+) -> None:
+    """Random routings, spatial sizes 1-4, batches 2-8: precise BN between training steps
+    never stores a variance <= 0, and the loss stays finite."""
+    torch.manual_seed(size * 100 + batch)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+    x0 = torch.zeros(1, 3, size, size)
+    model = adafilter.wrap(net, adafilter.AdaFilterConfig(), example_input=x0)
+    model.set_policy_mode("random", p=p, seed=batch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(batch)
+    data = [torch.randn(batch, 3, size, size, generator=gen) * 3 for _ in range(3)]
+    labels = torch.randint(0, 3, (batch,), generator=gen)
+    for _ in range(3):
+        recalibrate_bn(model, data[:1] if batch < 4 else data)
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            assert bool((bn.running_var > 0).all()), bn
+        model.train()
+        for x in data:
+            loss = nn.functional.cross_entropy(model(x), labels)
+            assert torch.isfinite(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def test_under_ddp_the_rule_applies_to_the_reduced_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank alone holds too few values at 1x1; the sum over (here: 4 identical) ranks
+    holds enough, so every rank writes the same new statistics."""
+    from adafilter.distributed import DistEnv
+    from adafilter.training import precise_bn
+
+    ranks = 4
+    monkeypatch.setattr(precise_bn, "all_reduce_sum", lambda t, env: t.mul_(ranks))
+    x1 = torch.zeros(1, 3, 2, 2)
+    model = adafilter.wrap(_net_1x1(), adafilter.AdaFilterConfig(), example_input=x1)
+    model.set_policy_mode("random", p=0.5, seed=0)
+    layer = next(iter(model.gated_layers().values()))
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 2, 2, generator=gen) for _ in range(2)]  # 8 values a channel
+    alone = copy.deepcopy(model)
+    recalibrate_bn(alone, batches)  # one rank: too few values, statistics kept
+    assert torch.equal(
+        next(iter(alone.gated_layers().values())).bn_f.running_var, torch.full((8,), 7.0)
+    )
+    recalibrate_bn(model, batches, env=DistEnv(rank=0, world_size=ranks))
+    for bn in (layer.bn_f, layer.bn_s):
+        assert bool((bn.running_var != 7.0).all()) and bool((bn.running_var > 0).all())

@@ -35,7 +35,7 @@ DEMO_FLAGS: list[tuple[str, str]] = [
     ("milestones", "lr x0.1 after these epochs (default {d})"),
     ("eval_every", "evaluate after epoch 1, every N epochs and the last (default {d})"),
     ("resolution", "input size (default {d})"),
-    ("augment", "training augmentation: resized-crop, pad-crop or none (default {d})"),
+    ("augment", "training augmentation: resized-crop, random-crop, pad-crop or none (default {d})"),
     ("batch_size", "batch size (default {d})"),
     ("subset_per_class", "images per class in each split (default {d})"),
     ("seed", "seed (default {d})"),

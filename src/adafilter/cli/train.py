@@ -79,8 +79,9 @@ TRAIN_FLAGS: list[tuple[str, str] | None] = [
     ("compile_backend", "torch.compile backend (default {d})"),
     (
         "augment",
-        "training augmentation: resized-crop (ImageNet recipe), pad-crop (CIFAR recipe, for "
-        "small images) or none (default {d})",
+        "training augmentation: resized-crop (ImageNet recipe), random-crop (resize + random "
+        "crop, the fine-grained transfer recipe), pad-crop (CIFAR recipe, for small images) or "
+        "none (default {d})",
     ),
     ("subset_per_class", "keep at most K images per class (quick runs)"),
     ("train_per_class", "keep at most K training images per class (evaluation split whole)"),

@@ -26,19 +26,22 @@ class ToRGB:
 
 
 #: Training augmentations: ``resized-crop`` = RandomResizedCrop + flip (the ImageNet recipe;
-#: the paper does not state its own); ``pad-crop`` = the CIFAR recipe (whole image, padded
-#: random crop + flip) for small images; ``none`` = the evaluation pipeline.
-AUGMENTATIONS: tuple[str, ...] = ("resized-crop", "pad-crop", "none")
+#: the paper does not state its own); ``random-crop`` = resize to R*256/224, random R crop +
+#: flip (the fine-grained transfer recipe of L2-SP and DELTA: most of the object always in
+#: view); ``pad-crop`` = the CIFAR recipe (whole image, padded random crop + flip) for small
+#: images; ``none`` = the evaluation pipeline.
+AUGMENTATIONS: tuple[str, ...] = ("resized-crop", "random-crop", "pad-crop", "none")
 
 
 def eval_resize(resolution: int, augment: str = "resized-crop") -> int:
     """Side the evaluation pipeline resizes to before its centre crop of ``resolution``.
 
-    ``resized-crop`` keeps the ImageNet habit (resize to R*256/224, crop R); ``pad-crop`` and
-    ``none`` train on the whole image, so evaluation sees the whole image too (resize to R).
+    ``resized-crop`` and ``random-crop`` keep the ImageNet habit (resize to R*256/224, crop R);
+    ``pad-crop`` and ``none`` train on the whole image, so evaluation sees the whole image too
+    (resize to R).
     """
     r = int(resolution)
-    return max(r, int(r * 256 / 224)) if augment == "resized-crop" else r
+    return max(r, int(r * 256 / 224)) if augment in ("resized-crop", "random-crop") else r
 
 
 def build_transforms(
@@ -52,9 +55,10 @@ def build_transforms(
     """Build the train or eval preprocessing.
 
     Training with ``augment="resized-crop"``: RandomResizedCrop(R) + RandomHorizontalFlip;
-    ``"pad-crop"``: Resize(R) + CenterCrop(R) + RandomCrop(R, padding R/8) + flip; ``"none"``: the
-    evaluation pipeline. Evaluation: Resize(:func:`eval_resize`) + CenterCrop(R). All convert
-    to RGB first (grayscale data becomes 3 channels) and end with ToTensor + Normalize(mean,
+    ``"random-crop"``: Resize(R*256/224) + RandomCrop(R) + flip; ``"pad-crop"``: Resize(R) +
+    CenterCrop(R) + RandomCrop(R, padding R/8) + flip; ``"none"``: the evaluation pipeline.
+    Evaluation: Resize(:func:`eval_resize`) + CenterCrop(R). All convert to RGB first
+    (grayscale data becomes 3 channels) and end with ToTensor + Normalize(mean,
     std) for the backbone.
 
     Args:
@@ -80,6 +84,8 @@ def build_transforms(
         geometry = whole
     elif augment == "pad-crop":
         geometry = [*whole, T.RandomCrop(r, padding=max(1, r // 8)), T.RandomHorizontalFlip()]
+    elif augment == "random-crop":
+        geometry = [whole[0], T.RandomCrop(r), T.RandomHorizontalFlip()]
     else:
         geometry = [T.RandomResizedCrop(r, antialias=True), T.RandomHorizontalFlip()]
     return T.Compose([ToRGB(), *geometry, T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])

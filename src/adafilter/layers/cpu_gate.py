@@ -413,7 +413,8 @@ std::vector<at::Tensor> bn_branch_stats(const at::Tensor& mean, const at::Tensor
         const float rm = bn[5 * r + 2].data_ptr<float>()[c];
         const float rv = bn[5 * r + 3].data_ptr<float>()[c];
         const double m_used = u ? mu[r] : rm;
-        const double rstd = 1.0 / std::sqrt((u ? v : rv) + hp[r]);
+        // a stored variance that is not positive is no estimate: BN's initial variance 1
+        const double rstd = 1.0 / std::sqrt((u ? v : (rv > 0.0f ? rv : 1.0)) + hp[r]);
         const double scale = w[c] * rstd;
         const int64_t at_ = r * C + c;
         po[at_] = static_cast<float>(m_used);

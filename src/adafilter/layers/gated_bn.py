@@ -52,10 +52,21 @@ from torch import Tensor, nn
 from . import cpu_gate, kernels
 from .capture import is_compiling
 
-# (bn_f, bn_s), mean (2, C), biased var (2, C), values n (2, C) of each branch's batch
-BranchStatsObserver = Callable[
-    [tuple[nn.BatchNorm2d, nn.BatchNorm2d], Tensor, Tensor, Tensor], None
-]
+
+class BranchBatch(NamedTuple):
+    """What one training batch holds for each branch of a gated BN (row 0 = F, row 1 = S),
+    and the rule that decides whether a branch may learn statistics from it."""
+
+    mean: Tensor  # (2, C) mean of the routed values
+    var: Tensor  # (2, C) their biased variance
+    values: Tensor  # (2, C) values routed (examples x H x W)
+    examples: Tensor  # (2, C) examples routed
+    batch: int  # examples in the batch
+    min_examples: int  # the layer's bn_min_examples
+    min_values: int  # the layer's bn_min_values
+
+
+BranchStatsObserver = Callable[[tuple[nn.BatchNorm2d, nn.BatchNorm2d], BranchBatch], None]
 _OBSERVER: ContextVar[BranchStatsObserver | None] = ContextVar("gated_bn_observer", default=None)
 
 
@@ -63,15 +74,23 @@ _OBSERVER: ContextVar[BranchStatsObserver | None] = ContextVar("gated_bn_observe
 def observe_branch_stats(observer: BranchStatsObserver) -> Iterator[None]:
     """Call ``observer`` with every gated BN's per-branch batch statistics in the block.
 
-    Used to recompute running statistics exactly ("precise BN"): the observer receives the
-    mean, biased variance and value count of the examples routed to each branch, before the
-    minimum-examples rule decides what the running statistics see.
+    Used to recompute running statistics exactly ("precise BN"): the observer receives a
+    :class:`BranchBatch` per gated BN and batch -- the mean, biased variance and counts of the
+    examples routed to each branch, and the minimum-examples rule, which it applies to its
+    pooled counts as training applies it to one batch's.
     """
     token = _OBSERVER.set(observer)
     try:
         yield
     finally:
         _OBSERVER.reset(token)
+
+
+def stored_variance(run_var: Tensor) -> Tensor:
+    """The running variance a degenerate branch normalises with: a stored variance that is not
+    positive (0 from a writer that saw one value, NaN) is no estimate, so BN's initial variance
+    1 stands in for it; dividing by ``sqrt(0 + eps)`` would scale the channel by up to 1000x."""
+    return torch.where(run_var > 0, run_var, torch.ones_like(run_var))
 
 
 def _low(x: Tensor) -> bool:
@@ -210,14 +229,17 @@ def _both_stats(
     var = m2 / n.clamp(min=1)
     observer = _OBSERVER.get()
     if observer is not None:
-        observer(bns, mean.detach(), var.detach(), n)
+        batch = masks.shape[1]
+        observer(
+            bns, BranchBatch(mean.detach(), var.detach(), n, k, batch, min_examples, min_values)
+        )
     # A branch holding every example in every channel (an all-F or all-S layer) is a standard
     # BN, so it uses batch statistics whenever nn.BatchNorm2d would (more than one value):
     # all-F AdaFilter == fine-tuning, also where feature maps are tiny.
     whole = (k == masks.shape[1]).all(1, keepdim=True) & (n > 1)  # (2, C)
     use_batch = ((k >= min_examples) & (n >= min_values)) | whole
     mu = torch.where(use_batch, mean, run_mean)
-    rstd = torch.rsqrt(torch.where(use_batch, var, run_var) + eps)
+    rstd = torch.rsqrt(torch.where(use_batch, var, stored_variance(run_var)) + eps)
     scale = weight * rstd
     with torch.no_grad():
         for bn in bns:

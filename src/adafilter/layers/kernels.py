@@ -585,7 +585,8 @@ if triton is not None:
         rm = tl.load(rm_ptr + cs, mask=cm, other=0.0).to(tl.float32)
         rv = tl.load(rv_ptr + cs, mask=cm, other=1.0).to(tl.float32)
         mu = tl.where(use, mean, rm)
-        rstd = 1.0 / tl.sqrt(tl.where(use, var, rv) + eps)
+        # a stored variance that is not positive is no estimate: BN's initial variance 1
+        rstd = 1.0 / tl.sqrt(tl.where(use, var, tl.where(rv > 0.0, rv, 1.0)) + eps)
         scale = tl.load(w_ptr + cs, mask=cm, other=1.0).to(tl.float32) * rstd
         shift = tl.load(b_ptr + cs, mask=cm, other=0.0).to(tl.float32) - mu * scale
         row = r * C + cs

@@ -82,7 +82,9 @@ class TrainConfig:
         compile_backend: The ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` traces
             without generating code, for tests).
         augment: Training augmentation: ``"resized-crop"`` (RandomResizedCrop + flip, the
-            ImageNet recipe; the paper states none), ``"pad-crop"`` (the whole image, padded
+            ImageNet recipe; the paper states none), ``"random-crop"`` (resize to R*256/224,
+            random R crop + flip: the fine-grained transfer recipe), ``"pad-crop"`` (the whole
+            image, padded
             random crop + flip: the CIFAR recipe, for small images such as 28-32 px, where
             RandomResizedCrop's 8% crops erase the object) or ``"none"``. Evaluation uses
             the matching centre crop (``data.transforms``).

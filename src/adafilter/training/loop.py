@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..data.base import DROPPED_LABEL
 from ..distributed import DistEnv, all_reduce_sum
 from ..errors import AdaFilterError
+from .divergence import explain_divergence
 from .policy_stats import PolicyStats
 from .precise_bn import recalibrate_bn
 
@@ -149,10 +150,9 @@ def train_one_epoch(
         if regularizer is not None:
             total = total + regularizer(regularized_module or model)
         if not math.isfinite(total.item()):
-            raise AdaFilterError(
-                f"training diverged at epoch {epoch} step {step} (loss {total.item()}); "
-                "lower lr=/gate_lr= or use amp=off"
-            )
+            net, batch = regularized_module or model, images
+            why = explain_divergence(net, lambda: net(batch), total.item())  # noqa: B023
+            raise AdaFilterError(f"training diverged at epoch {epoch} step {step}: {why}")
         _step(total, optimizer, scaler=scaler, after_backward=after_backward)
         sums += _batch_sums(loss, logits, labels)
         if on_step is not None:
@@ -300,9 +300,10 @@ def recalibrate(
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def batches() -> Iterable[Tensor]:
-        for images, _ in loader:
-            yield images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    class Batches:  # re-iterable: precise BN may need a second pass
+        def __iter__(self) -> Iterator[Tensor]:
+            for images, _ in loader:
+                yield images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
 
     def forward(x: Tensor) -> Any:
         with _autocast(device, amp_dtype):
@@ -311,4 +312,4 @@ def recalibrate(
     # Calibrate with the evaluation's policies: no exploration noise.
     quiet_gate = getattr(model, "without_gate_noise", contextlib.nullcontext)
     with quiet_gate():
-        return recalibrate_bn(model, batches(), forward=forward, env=env)
+        return recalibrate_bn(model, Batches(), forward=forward, env=env)
