@@ -259,6 +259,10 @@ def study_woof30(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any
     ]
     for method in ("finetune-half", "l2sp", "standard-bn"):
         runs.append((method, 0, _woof(args, 30, **base, method=method, seed=0)))
+    for seed in (0, 1, 2):  # the reference line: what frozen S knows with a trained head
+        runs.append(
+            ("linear-probe", seed, _woof(args, 30, **base, method="linear-probe", seed=seed))
+        )
     return runs
 
 

@@ -26,6 +26,7 @@ EXPECTED = {
     "standard-bn",
     "cnn-gate",
     "adafilter-all-f",
+    "linear-probe",
 }
 
 
@@ -117,6 +118,22 @@ def test_param_groups_carry_intended_learning_rates(method: str) -> None:
     in_groups = [id(q) for g in groups for q in g["params"]]
     assert len(in_groups) == len(set(in_groups))  # no parameter twice
     assert set(in_groups) == {id(q) for q in p.model.parameters() if q.requires_grad}
+
+
+def test_linear_probe_trains_only_the_head_on_frozen_features() -> None:
+    """Every backbone tensor (parameters and BN statistics) bit-identical after training; the
+    head moves; the features equal the pretrained network's in eval mode."""
+    p = build("linear-probe")
+    assert p.info["frozen_bns"] == 3
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    ref = Net().eval()
+    torch.testing.assert_close(p.model.eval()(x), ref(x))
+    before = {n: t.clone() for n, t in p.model.state_dict().items()}
+    train(p)
+    after = p.model.state_dict()
+    for n, t in before.items():
+        assert torch.equal(after[n], t) != n.startswith("fc."), n
 
 
 def test_conv_execution_order_and_following_bn() -> None:

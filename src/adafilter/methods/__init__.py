@@ -13,6 +13,7 @@ frozen dataclasses registered in :data:`METHODS`; the engine never branches on a
 ``l2sp``           fine-tuning + L2-SP penalty (Li et al. 2018), no weight decay
 ``standard-bn``    AdaFilter with one standard BN after the selection (Table 3)
 ``cnn-gate``       AdaFilter whose policy comes from a CNN that sees the image (Table 4)
+``linear-probe``   only the new head trains on the frozen backbone (a reference line)
 =================  ===========================================================================
 """
 
@@ -23,7 +24,7 @@ from ..utils.registry import Registry
 from ..utils.seeding import derive_seed
 from .adafilter import AdaFilterMethod, PolicyCost, trainable_per_example
 from .base import Method, Prepared
-from .finetune import FineTune, FineTuneHalf, freeze_first_half
+from .finetune import FineTune, FineTuneHalf, LinearProbe, freeze_backbone, freeze_first_half
 from .l2sp import L2SP, L2SPRegularizer
 
 __all__ = [
@@ -33,11 +34,13 @@ __all__ = [
     "FineTuneHalf",
     "L2SP",
     "L2SPRegularizer",
+    "LinearProbe",
     "Method",
     "PolicyCost",
     "Prepared",
     "conv_execution_order",
     "derive_seed",
+    "freeze_backbone",
     "freeze_first_half",
     "trainable_per_example",
 ]
@@ -74,6 +77,10 @@ METHODS.add(
         policy="finetuned",
         trains_gate=False,
     ),
+)
+METHODS.add(
+    "linear-probe",
+    LinearProbe("linear-probe", "only the new head trains on the frozen backbone (reference)"),
 )
 METHODS.add("l2sp", L2SP("l2sp", "fine-tuning with the L2-SP penalty (alpha=beta=0.01)"))
 METHODS.add(

@@ -1,4 +1,4 @@
-"""Standard fine-tuning and fine-tuning the second half (Table 2 baselines)."""
+"""Standard fine-tuning, fine-tuning the second half (Table 2 baselines) and a linear probe."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..tuner import conv_execution_order
 from .base import Method, Prepared
@@ -83,3 +84,48 @@ class FineTuneHalf(FineTune):
             len(info["frozen_bns"]),
         )
         return Prepared(model=network, method=self, info={"finetune_half": info})
+
+
+def freeze_backbone(network: nn.Module, *, head_name: str) -> int:
+    """Freeze everything but the head: no parameter outside ``head_name`` trains, and every
+    ``BatchNorm2d`` outside it becomes a ``FrozenBatchNorm2d`` (its pretrained statistics, in
+    training as in evaluation), so the features are exactly the pretrained network's.
+
+    Returns:
+        The number of BNs frozen.
+    """
+    network.requires_grad_(False)
+    network.get_submodule(head_name).requires_grad_(True)
+    frozen = 0
+    for name, bn in list(network.named_modules()):
+        if not isinstance(bn, nn.BatchNorm2d) or name.startswith(head_name):
+            continue
+        fixed = FrozenBatchNorm2d(bn.num_features, eps=bn.eps).to(bn.running_mean.device)
+        fixed.running_mean.copy_(bn.running_mean)
+        fixed.running_var.copy_(bn.running_var)
+        if bn.affine:
+            fixed.weight.copy_(bn.weight.detach())
+            fixed.bias.copy_(bn.bias.detach())
+        parent, _, leaf = name.rpartition(".")
+        setattr(network.get_submodule(parent) if parent else network, leaf, fixed)
+        frozen += 1
+    return frozen
+
+
+@dataclass(frozen=True)
+class LinearProbe(FineTune):
+    """A linear probe: only the new head trains, on the frozen pretrained features (a reference
+    line: what S knows without changing a filter)."""
+
+    def build(
+        self,
+        network: nn.Module,
+        *,
+        head_name: str,
+        example_input: Tensor,
+        options: dict[str, Any],
+        gate_network: Callable[[], tuple[nn.Module, int]] | None = None,
+    ) -> Prepared:
+        frozen = freeze_backbone(network, head_name=head_name)
+        logger.info("linear-probe: backbone frozen (%d BNs with fixed statistics)", frozen)
+        return Prepared(model=network, method=self, info={"frozen_bns": frozen})
