@@ -266,7 +266,29 @@ def study_woof30(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any
     return runs
 
 
+def study_flowers17(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
+    """Issue 29: Flowers-17 (60 training images per class, 48 after validation: 816 images,
+    13 steps an epoch at batch 64, 1,430 SGD steps over the paper's schedule), 3 seeds."""
+    base = dict(augment=WOOF_AUGMENT, **PAPER_SCHEDULE)
+    rows = ("finetune", "random-policy", "adafilter")
+    return [
+        (m, seed, {**WOOF, "data_root": args.flowers17, **base, "method": m, "seed": seed})
+        for seed in (0, 1, 2)
+        for m in rows
+    ]
+
+
+def study_woof100(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
+    """Issue 29: Imagewoof-100 (the Stanford Dogs regime: 80 training images per class after
+    validation, 13 steps an epoch, 1,430 SGD steps), 1 seed."""
+    base = dict(augment=WOOF_AUGMENT, **PAPER_SCHEDULE)
+    rows = ("finetune", "random-policy", "adafilter")
+    return [(m, 0, _woof(args, 100, **base, method=m, seed=0)) for m in rows]
+
+
 STUDIES = {
+    "flowers17": study_flowers17,
+    "woof100": study_woof100,
     "woof-aug": study_woof_aug,
     "woof30": study_woof30,
     "precise-bn": study_precise_bn,
@@ -343,6 +365,7 @@ def main() -> None:
     ap.add_argument("--omniglot", default="", help="omniglot-small zip")
     ap.add_argument("--cifar-weights", default="", help="CIFAR ResNet-20 weights file")
     ap.add_argument("--imagewoof", default="", help="extracted imagewoof-mini folder")
+    ap.add_argument("--flowers17", default="", help="extracted flowers17 folder")
     ap.add_argument("--stream", default="0/1", help="i/n: run every n-th run starting at i")
     ap.add_argument("--summary", action="store_true", help="only write the summary JSON")
     ap.add_argument("--only", default="", help="comma-separated groups to run")
