@@ -106,6 +106,11 @@ TRAIN_FLAGS: list[tuple[str, str] | None] = [
     None,  # the gate flags
     ("download", "download the dataset and pretrained weights if missing (into $ADAFILTER_HOME)"),
     ("quiet", "print only warnings and errors"),
+    (
+        "tensorboard",
+        "also write TensorBoard event files to OUT/tensorboard (pip install "
+        "'adafilter[tensorboard]')",
+    ),
     ("resume", "continue from OUT/checkpoint.pt if it exists"),
 ]
 _TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "list[int]": int_list}

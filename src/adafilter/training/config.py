@@ -113,6 +113,10 @@ class TrainConfig:
         download: Fetch missing data and pretrained weights from their public sources into
             the cache directory (``$ADAFILTER_HOME``, default ``~/.cache/adafilter``).
         quiet: Print nothing but warnings and errors.
+        tensorboard: Also write TensorBoard event files to ``<out>/tensorboard`` (losses,
+            accuracies, learning rates, each gated layer's share of fine-tuned filters and the
+            gate's decision-change rate per epoch); needs ``pip install
+            'adafilter[tensorboard]'``.
         resume: Continue from ``<out>/checkpoint.pt`` if it exists.
     """
 
@@ -155,6 +159,7 @@ class TrainConfig:
     gate_optimizer: str = "adam"
     download: bool = False
     quiet: bool = False
+    tensorboard: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:

@@ -45,6 +45,7 @@ from .optim import build_optimizer, build_param_groups, build_scheduler, group_l
 from .precise_bn import set_bn_momentum
 from .run_dir import RunDir, load_model_state
 from .telemetry import GateTelemetry
+from .tensorboard import TensorBoardLog
 
 logger = logging.getLogger("adafilter")
 
@@ -149,6 +150,10 @@ class Trainer:
         self.policy: dict[str, Any] | None = None
         self.start_epoch = 1
         self.wall_before = 0.0
+        self.tensorboard = None
+        if config.tensorboard and self.main:
+            layers = getattr(self.module, "gated_layer_names", None)
+            self.tensorboard = TensorBoardLog(run_dir.path / "tensorboard", layers)
 
     def _build_model(self) -> None:
         config = self.config
@@ -280,6 +285,8 @@ class Trainer:
         if self.telemetry is not None:
             row["gate"] = self.telemetry.epoch_end()
         self.metrics.append(row)
+        if self.tensorboard is not None:
+            self.tensorboard.log(row)
         if "policy" in evaluated["test"]:
             self.policy = evaluated["test"]["policy"]
         if not self.quiet:
@@ -382,6 +389,8 @@ class Trainer:
         if self.policy is None and self.method.has_policies:
             self.policy = self.run_dir.recorded_policy()
         result = self.summary(completed=len(self.metrics) >= self.config.epochs)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.main:
             self.run_dir.write_summary(result)
         return result
