@@ -94,8 +94,9 @@ class Resource:
     Attributes:
         url: Official URL.
         filename: Name to save it under (also the name looked up under a ``base_url``).
-        sha256: Expected SHA-256 hex digest, if known.
-        md5: Expected MD5 hex digest, if known (used when ``sha256`` is not).
+        sha256: Expected SHA-256 hex digest, as published for the file (``fetch_resources``
+            refuses a resource with neither this nor ``md5``).
+        md5: Expected MD5 hex digest (used only when no SHA-256 is published).
         extract: Extract the archive (tar/tar.gz/zip) into the destination folder and delete
             it afterwards; ``False`` keeps the file as downloaded.
         subdir: Folder under the data root to save/extract into.
