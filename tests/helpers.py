@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ADAFILTER_TEST_SHARED", REPO.parent / "shared"))
 SHARED_OMNIGLOT = SHARED / "data" / "omniglot"
 SHARED_CIFAR_WEIGHTS = SHARED / "weights" / "cifar10-resnet"
+SHARED_IMAGEWOOF_ZIP = SHARED / "data" / "imagewoof-mini" / "imagewoof-mini.zip"
 
 
 def conv_bn_relu6(cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1) -> nn.Sequential:

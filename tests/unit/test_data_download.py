@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import re
 import tarfile
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from adafilter.data import build_datasets, download_dataset
+from adafilter.data import DATASETS, build_datasets, download_dataset
 from adafilter.errors import DataError
 from adafilter.utils.download import (
     BASE_URL_ENV,
@@ -24,9 +26,9 @@ from adafilter.utils.download import (
 from helpers import ServerState
 
 
-def _tar(members: dict[str, bytes]) -> bytes:
+def _tar(members: dict[str, bytes], gz: bool = False) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -41,6 +43,24 @@ def _jpeg() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), "blue").save(buf, "JPEG")
     return buf.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _pin_served(monkeypatch: pytest.MonkeyPatch, name: str, files: dict[str, bytes]) -> None:
+    """Register ``name`` with its resources pinned to the generated files' SHA-256.
+
+    The real pins are the published digests of the official archives, which a miniature cannot
+    match; everything else (names, URLs, extraction, layout) stays the dataset's own.
+    """
+    spec = DATASETS.get(name)
+    resources = tuple(
+        dataclasses.replace(res, sha256=_sha256(files[res.filename]), md5=None)
+        for res in spec.resources
+    )
+    monkeypatch.setitem(DATASETS._items, name, dataclasses.replace(spec, resources=resources))
 
 
 def _cell(strings: list[str]) -> np.ndarray:
@@ -118,7 +138,8 @@ def test_http_error_and_non_archive(tmp_path: Path, server: tuple[str, ServerSta
 def test_fetch_extracts_and_is_idempotent(tmp_path: Path, server: tuple[str, ServerState]) -> None:
     url, state = server
     state.files["a.tar"] = _tar({"top/x.txt": b"x", "top/sub/y.txt": b"y"})
-    res = [Resource("https://example.invalid/a.tar", "a.tar", extract=True)]
+    sha = _sha256(state.files["a.tar"])
+    res = [Resource("https://example.invalid/a.tar", "a.tar", sha256=sha, extract=True)]
     fetch_resources(res, tmp_path, base_url=url)
     assert (tmp_path / "top/sub/y.txt").read_bytes() == b"y" and not (tmp_path / "a.tar").exists()
     fetch_resources(res, tmp_path, base_url=url)
@@ -137,6 +158,7 @@ def test_stanford_dogs_end_to_end_download(
         scipy.io.savemat(buf, {"file_list": _cell(files), "labels": np.array([[1], [1], [2]])})
         lists[f"{split}_list.mat"] = buf.getvalue()
     state.files = {"images.tar": _tar(images), "lists.tar": _tar(lists)}
+    _pin_served(monkeypatch, "stanford-dogs", state.files)
     monkeypatch.setenv(BASE_URL_ENV, url)
     _, _, info = build_datasets("stanford-dogs", tmp_path / "dogs", download=True, resolution=8)
     assert (info.num_train, info.num_eval, info.class_names) == (3, 3, ["Akita", "Pug"])
@@ -150,3 +172,180 @@ def test_omniglot_download_checks_sha256(tmp_path: Path, server: tuple[str, Serv
     with pytest.raises(DataError, match="checksum mismatch"):
         download_dataset("omniglot-small", tmp_path, base_url=url)
     assert [p.name for p in tmp_path.iterdir()] == [".adafilter-download.lock"]  # no zip/.part
+
+
+# ---------------------------------------------------------------- every download is verified
+
+
+# Hosts that serve plain http only (S3 website endpoints have no TLS).
+HTTP_ONLY_HOSTS = {"fashion-mnist.s3-website.eu-central-1.amazonaws.com"}
+
+
+def test_every_dataset_download_is_pinned_and_https() -> None:
+    """Issue 30: a SHA-256 for every archive (MD5 only for a small non-archive file), https."""
+    fetched = 0
+    for name in DATASETS.names():
+        for res in DATASETS.get(name).resources:
+            fetched += 1
+            scheme, _, rest = res.url.partition("://")
+            assert scheme == "https" or rest.split("/")[0] in HTTP_ONLY_HOSTS, (name, res.url)
+            if res.extract or res.filename.endswith((".gz", ".tgz", ".tar", ".zip")):
+                assert re.fullmatch(r"[0-9a-f]{64}", res.sha256 or ""), (name, res.filename)
+            else:
+                assert re.fullmatch(r"[0-9a-f]{64}", res.sha256 or "") or re.fullmatch(
+                    r"[0-9a-f]{32}", res.md5 or ""
+                ), (name, res.filename)
+    assert fetched >= 10
+
+
+def test_unpinned_resource_is_refused_before_any_request(
+    tmp_path: Path, server: tuple[str, ServerState]
+) -> None:
+    url, state = server
+    state.files["a.tar"] = _tar({"top/x.txt": b"x"})
+    res = [Resource("https://example.invalid/a.tar", "a.tar", extract=True)]
+    with pytest.raises(DataError) as exc:
+        fetch_resources(res, tmp_path / "root", base_url=url)
+    msg = str(exc.value)
+    assert "no pinned SHA-256" in msg and "a.tar" in msg and "\n" not in msg
+    assert state.requests == [] and not (tmp_path / "root").exists()
+
+
+def test_existing_file_without_checksum_is_fetched_again(
+    tmp_path: Path, server: tuple[str, ServerState]
+) -> None:
+    url, state = server
+    state.files["f.bin"] = PAYLOAD
+    (tmp_path / "f.bin").write_bytes(b"stale or foreign")
+    download_file(f"{url}/f.bin", tmp_path / "f.bin")
+    assert (tmp_path / "f.bin").read_bytes() == PAYLOAD and len(state.requests) == 1
+
+
+def test_mit_indoors_has_no_unverified_download(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as exc:
+        download_dataset("mit-indoors", tmp_path)
+    msg = str(exc.value)
+    assert "indoorCVPR_09.tar" in msg and "\n" not in msg
+    assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- imagewoof / imagenette
+
+
+WOOF = {"n02086240": "Shih-Tzu", "n02115641": "dingo"}
+
+
+def _imagewoof_tgz(folder: str = "imagewoof2-320") -> bytes:
+    members = {f"{folder}/noisy_imagewoof.csv": b"path,noisy_labels_0\n"}
+    for wnid in WOOF:
+        for split, n in (("train", 3), ("val", 2)):
+            for k in range(n):
+                members[f"{folder}/{split}/{wnid}/{wnid}_{split}{k}.JPEG"] = _jpeg()
+    return _tar(members, gz=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"), [("imagewoof", "imagewoof2-320"), ("imagewoof-160", "imagewoof2-160")]
+)
+def test_imagewoof_end_to_end_download(
+    tmp_path: Path,
+    server: tuple[str, ServerState],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    folder: str,
+) -> None:
+    url, state = server
+    state.files = {f"{folder}.tgz": _imagewoof_tgz(folder)}
+    _pin_served(monkeypatch, name, state.files)
+    monkeypatch.setenv(BASE_URL_ENV, url)
+    _, ev, info = build_datasets(name, None, download=True, resolution=8)  # the cache directory
+    assert (info.num_train, info.num_eval, info.class_names) == (6, 4, ["Shih-Tzu", "dingo"])
+    assert ev.targets == [0, 0, 1, 1]
+    build_datasets(name, None, download=True)  # present: no second request
+    assert [n for n, _ in state.requests] == [f"{folder}.tgz"]
+
+
+def test_imagewoof_checksum_mismatch_is_one_line_and_extracts_nothing(
+    tmp_path: Path, server: tuple[str, ServerState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped pin against a miniature: the mismatch path of the real resource."""
+    url, state = server
+    state.files["imagewoof2-320.tgz"] = _imagewoof_tgz()
+    monkeypatch.setenv(BASE_URL_ENV, url)
+    with pytest.raises(DataError) as exc:
+        build_datasets("imagewoof", tmp_path, download=True)
+    msg = str(exc.value)
+    assert msg.startswith("checksum mismatch for imagewoof2-320.tgz") and "\n" not in msg
+    assert [p.name for p in tmp_path.iterdir()] == [".adafilter-download.lock"]
+
+
+def test_imagenette_download(
+    tmp_path: Path, server: tuple[str, ServerState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, state = server
+    members = {
+        f"imagenette2-320/{split}/{wnid}/x{k}.JPEG": _jpeg()
+        for wnid in ("n01440764", "n03888257")
+        for split in ("train", "val")
+        for k in range(2)
+    }
+    state.files = {"imagenette2-320.tgz": _tar(members, gz=True)}
+    _pin_served(monkeypatch, "imagenette", state.files)
+    monkeypatch.setenv(BASE_URL_ENV, url)
+    _, _, info = build_datasets("imagenette", tmp_path, download=True, resolution=8)
+    assert (info.num_train, info.num_eval, info.class_names) == (4, 4, ["tench", "parachute"])
+
+
+# ---------------------------------------------------------------- flowers-17
+
+
+def _flowers_files(per_class: int = 4) -> dict[str, bytes]:
+    """17flowers.tgz (jpg/image_NNNN.jpg, 80 ids a class) with ``per_class`` images of every
+    class, and datasplits.mat whose split 1 puts 2 a class in trn1, 1 in val1, 1 in tst1."""
+    ids = [c * 80 + k + 1 for c in range(17) for k in range(per_class)]
+    tgz = _tar({f"jpg/image_{i:04d}.jpg": _jpeg() for i in ids} | {"jpg/files.txt": b""}, gz=True)
+    by_k = {k: np.array([[c * 80 + k + 1 for c in range(17)]], dtype=np.uint16) for k in range(4)}
+    splits = {
+        "trn1": np.concatenate([by_k[0], by_k[1]], axis=1),
+        "val1": by_k[2],
+        "tst1": by_k[3],
+        "trn2": by_k[3],  # other splits are ignored
+        "val2": by_k[0],
+        "tst2": by_k[1],
+    }
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, splits)
+    return {"17flowers.tgz": tgz, "datasplits.mat": buf.getvalue()}
+
+
+def test_flowers17_end_to_end_download(
+    tmp_path: Path, server: tuple[str, ServerState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, state = server
+    state.files = _flowers_files()
+    _pin_served(monkeypatch, "flowers17", state.files)
+    monkeypatch.setenv(BASE_URL_ENV, url)
+    train, ev, info = build_datasets("flowers17", tmp_path, download=True, resolution=8)
+    assert (info.num_train, info.num_eval, info.num_classes) == (51, 17, 17)
+    assert info.class_names[:3] == ["daffodil", "snowdrop", "lily_valley"]
+    assert info.class_names[-1] == "pansy"
+    assert ev.targets == list(range(17))  # image 80c+4 is class c
+    assert ev.base.samples[1][0].endswith("jpg/image_0084.jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".17flowers.tgz.extracted",
+        ".adafilter-download.lock",
+        "datasplits.mat",
+        "jpg",
+    ]
+
+
+def test_flowers17_checksum_mismatch_extracts_nothing(
+    tmp_path: Path, server: tuple[str, ServerState]
+) -> None:
+    """The shipped SHA-256 of 17flowers.tgz refuses another file before anything is extracted."""
+    url, state = server
+    state.files = _flowers_files()
+    state.files["17flowers.tgz"] = b"not the archive"
+    with pytest.raises(DataError, match="checksum mismatch for 17flowers.tgz"):
+        download_dataset("flowers17", tmp_path, base_url=url)
+    assert [p.name for p in tmp_path.iterdir()] == [".adafilter-download.lock"]

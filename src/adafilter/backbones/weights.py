@@ -105,10 +105,14 @@ def _block_count(sd: Mapping[str, torch.Tensor], layer: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
+# EfficientNet-Lite variants by their number of MBConv blocks.
+_LITE_BY_BLOCKS = {16: "efficientnet-lite0", 21: "efficientnet-lite2"}
+
+
 def _guess_backbone(sd: Mapping[str, torch.Tensor]) -> str | None:
     """Name the registered backbone whose layout ``sd`` looks like, if recognisable."""
     if "_conv_stem.weight" in sd:
-        return "efficientnet-lite0" if _block_count(sd, "_blocks") == 16 else None
+        return _LITE_BY_BLOCKS.get(_block_count(sd, "_blocks"))
     conv1 = sd.get("conv1.weight")
     if conv1 is None or conv1.dim() != 4:
         return None

@@ -1,4 +1,5 @@
-"""Datasets of the AdaFilter paper (Table 1) plus Omniglot-small, Fashion-MNIST and ImageFolder.
+"""Datasets of the AdaFilter paper (Table 1) plus Omniglot-small, Fashion-MNIST, Imagewoof,
+Imagenette, Flowers-17 and ImageFolder.
 
 Every dataset reads its official on-disk layout and split files; see
 :data:`DATASETS` for the names. Typical use::
@@ -14,7 +15,9 @@ from . import (  # noqa: F401
     caltech,
     decathlon,
     fashion_mnist,
+    flowers17,
     imagefolder,
+    imagenette,
     mit_indoor,
     omniglot_small,
     stanford_dogs,

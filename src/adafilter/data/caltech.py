@@ -22,12 +22,13 @@ from .registry import DatasetSpec, register
 
 EVAL_PER_CLASS = 20
 CLUTTER = "257.clutter"
-# md5 as published by torchvision.datasets.Caltech256 for this same tar.
+# SHA-256 as pinned by torchvision's prototype Caltech256 dataset, for the tar whose MD5
+# (67b4f42ca05d46448c6bb8ecd2220f6d, torchvision.datasets.Caltech256) the CaltechDATA copy has.
 RESOURCES = (
     Resource(
         "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar",
         "256_ObjectCategories.tar",
-        md5="67b4f42ca05d46448c6bb8ecd2220f6d",
+        sha256="08ff01b03c65566014ae88eb0490dbe4419fc7ac4de726ee1163e39fd809543e",
         extract=True,
     ),
 )

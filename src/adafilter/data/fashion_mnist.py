@@ -25,10 +25,26 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "eval": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# The S3 website endpoint torchvision uses serves plain http only; every file is verified.
 _MIRROR = FashionMNIST.mirrors[0]
-# md5s as published by torchvision.datasets.FashionMNIST; kept gzipped (read in place).
+# SHA-256 as pinned by TensorFlow Datasets (url_checksums/fashion_mnist.txt); the MD5s published by
+# torchvision.datasets.FashionMNIST are kept beside them. Kept gzipped (read in place).
+SHA256 = {
+    "train-images-idx3-ubyte.gz": (
+        "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"
+    ),
+    "train-labels-idx1-ubyte.gz": (
+        "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"
+    ),
+    "t10k-images-idx3-ubyte.gz": (
+        "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"
+    ),
+    "t10k-labels-idx1-ubyte.gz": (
+        "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"
+    ),
+}
 RESOURCES = tuple(
-    Resource(f"{_MIRROR}{fname}", fname, md5=md5, subdir="FashionMNIST/raw")
+    Resource(f"{_MIRROR}{fname}", fname, sha256=SHA256[fname], md5=md5, subdir="FashionMNIST/raw")
     for fname, md5 in FashionMNIST.resources
 )
 _FIX = (

@@ -17,12 +17,22 @@ from ..utils.download import Resource
 from .base import FileSource, ImageList, check_files_exist, require_dir, require_file
 from .registry import DatasetSpec, register
 
-_BASE = "http://vision.stanford.edu/aditya86/ImageNetDogs"
-# No published checksums for these tars; extraction checks the format (tar) and loading checks
-# the expected files (Images/, *_list.mat).
+_BASE = "https://vision.stanford.edu/aditya86/ImageNetDogs"
+# SHA-256 as pinned by TensorFlow Datasets (tensorflow_datasets/url_checksums/stanford_dogs.txt,
+# also 793579520 / 481280 bytes there); the same digests are pinned by other public fetch scripts.
 RESOURCES = (
-    Resource(f"{_BASE}/images.tar", "images.tar", extract=True),
-    Resource(f"{_BASE}/lists.tar", "lists.tar", extract=True),
+    Resource(
+        f"{_BASE}/images.tar",
+        "images.tar",
+        sha256="a443fc2f9a851aa1a7b8e4fa4af94b8459fce2c9f5a2f4dd4669cf9673a4ec58",
+        extract=True,
+    ),
+    Resource(
+        f"{_BASE}/lists.tar",
+        "lists.tar",
+        sha256="34b47cacd9a98b5d150e084f24d29391c084c55272295ec65c85651bc35f4d6c",
+        extract=True,
+    ),
 )
 _FIX = f"extract images.tar and lists.tar from {_BASE}/ there, or pass download=True"
 

@@ -94,8 +94,9 @@ class Resource:
     Attributes:
         url: Official URL.
         filename: Name to save it under (also the name looked up under a ``base_url``).
-        sha256: Expected SHA-256 hex digest, if known.
-        md5: Expected MD5 hex digest, if known (used when ``sha256`` is not).
+        sha256: Expected SHA-256 hex digest, as published for the file (``fetch_resources``
+            refuses a resource with neither this nor ``md5``).
+        md5: Expected MD5 hex digest (used only when no SHA-256 is published).
         extract: Extract the archive (tar/tar.gz/zip) into the destination folder and delete
             it afterwards; ``False`` keeps the file as downloaded.
         subdir: Folder under the data root to save/extract into.
@@ -174,7 +175,8 @@ def download_file(
         dest: Final file path; its folder is created.
         sha256: Expected SHA-256 digest (preferred), or a prefix of it (torch hub file names
             carry the first 8 hex digits).
-        md5: Expected MD5 digest (when no SHA-256 is known).
+        md5: Expected MD5 digest (when no SHA-256 is known). With neither, an existing ``dest``
+            is not trusted: it is fetched again.
         retries: Resume attempts after a dropped connection.
         timeout: Socket timeout in seconds.
         backoff: Seconds to wait before the first retry (doubles each time).
@@ -232,7 +234,7 @@ def _matches(path: Path, sha256: str | None, md5: str | None) -> bool:
         return _digest(path, "sha256").startswith(sha256.lower())
     if md5:
         return _digest(path, "md5") == md5.lower()
-    return True  # no checksum known: an existing complete (renamed) file is trusted
+    return False  # nothing to check it against: fetch it again rather than trust it
 
 
 def extract_archive(archive: str | Path, dest_dir: str | Path) -> list[Path]:
@@ -305,12 +307,26 @@ def fetch_resources(
 ) -> None:
     """Download (and extract where asked) every resource under ``root``.
 
+    Every resource must carry a pinned checksum (``sha256``, or ``md5`` where no SHA-256 is
+    published): a file that cannot be verified is never fetched, and one that fails its check is
+    deleted before anything is extracted.
+
     Args:
         resources: What to fetch.
         root: The dataset's data root.
         base_url: Replaces the URL directory of every resource (mirror / local test server);
             defaults to ``$ADAFILTER_DOWNLOAD_BASE`` or the official URLs.
+
+    Raises:
+        DataError: A resource has no pinned checksum (nothing is fetched), a download failed or
+            did not match its checksum (nothing of it is kept or extracted).
     """
+    unpinned = [res.filename for res in resources if not (res.sha256 or res.md5)]
+    if unpinned:
+        raise DataError(
+            f"refusing to download {', '.join(unpinned)}: no pinned SHA-256 to verify it "
+            f"against; pin one in its Resource or fetch the file by hand into {root}"
+        )
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".adafilter-download.lock"):

