@@ -28,7 +28,9 @@ def _blocks(lang: str) -> list[str]:
 
 
 def _commands(prefix: str) -> list[str]:
-    lines = [ln.split("#")[0].strip() for b in _blocks("bash") for ln in b.splitlines()]
+    """Command lines of the bash blocks (continuations joined, comments dropped)."""
+    joined = [b.replace("\\\n", " ") for b in _blocks("bash")]
+    lines = [ln.split("#")[0].strip() for b in joined for ln in b.splitlines()]
     return [ln for ln in lines if ln.startswith(prefix)]
 
 
