@@ -94,6 +94,15 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
+def all_gather_object(obj: object, env: DistEnv) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
+    if not env.enabled:
+        return [obj]
+    out: list[object] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: object, env: DistEnv) -> object:
     """Rank 0's ``obj`` on every rank."""
     if not env.enabled:
