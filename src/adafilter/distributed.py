@@ -71,8 +71,29 @@ def init_distributed(device: torch.device) -> DistEnv:
                 f"{BACKEND_ENV}={backend!r} is not a process-group backend; "
                 f"use one of {', '.join(BACKENDS)} or unset it"
             )
-        dist.init_process_group(backend=backend)
+        store = _restart_store()
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(
+                backend=backend, store=store, rank=env.rank, world_size=env.world_size
+            )
     return env
+
+
+def _restart_store() -> dist.Store | None:
+    """After a torchrun restart (``--max-restarts``): the agent's store under a prefix of its own.
+
+    The agent keeps its store across restarts, so without a prefix a restarted group would
+    read the previous attempt's addresses and fail to connect (seen with Gloo).
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False
+    )
+    return dist.PrefixStore(f"adafilter/restart_{restart}", client)
 
 
 def cleanup_distributed() -> None:
