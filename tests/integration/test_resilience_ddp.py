@@ -6,6 +6,7 @@ ends the job quickly with one message; ``--max-restarts`` + ``--resume`` continu
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,8 @@ from helpers import install_plugin, make_imagefolder, train_args, uninstall_plug
 EXTRA = ("--epochs", "3", "--milestones", "2", "--batch-size", "4", "--quiet")
 
 # Under torchrun: HOOK=kind:rank:epoch:step acts on that rank after that step.
-#   term  SIGTERM to itself;  kill  SIGKILL to itself (writes the time first to KILLED; with
+#   term  SIGTERM to itself;  pause  create the file PAUSED and sleep 5 s;
+#   kill  SIGKILL to itself (writes the time first to KILLED; with
 #   ONCE, only if the file ONCE does not exist yet, which it then creates)
 HOOK_SCRIPT = """
 import functools, os, signal, sys, time
@@ -39,6 +41,9 @@ def on_step(epoch, step):
         return
     if kind == "term":
         os.kill(os.getpid(), signal.SIGTERM)
+    elif kind == "pause":  # let the test signal torchrun itself
+        open(os.environ["PAUSED"], "w").close()
+        time.sleep(5)
     elif kind == "kill":
         once = os.environ.get("ONCE")
         if once:
@@ -67,7 +72,19 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def torchrun(job: dict, out: Path, *extra: str, restarts: int = 0, **env: str):
-    cmd = [
+    proc = subprocess.run(
+        _cmd(job, out, *extra, restarts=restarts),
+        env={**job["env"], **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    proc.ended = time.time()  # type: ignore[attr-defined]
+    return proc
+
+
+def _cmd(job: dict, out: Path, *extra: str, restarts: int = 0) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -79,14 +96,11 @@ def torchrun(job: dict, out: Path, *extra: str, restarts: int = 0, **env: str):
         "127.0.0.1",
         "--master_port",
         str(free_port()),
+        "--signals-to-handle",
+        "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",  # as under SLURM's --signal=USR1@...
         str(job["script"]),
         *train_args(job["data"], out, "adafilter", *EXTRA, *extra),
     ]
-    proc = subprocess.run(
-        cmd, env={**job["env"], **env}, capture_output=True, text=True, timeout=300
-    )
-    proc.ended = time.time()  # type: ignore[attr-defined]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -148,4 +162,37 @@ def test_max_restarts_with_resume_continues_the_run(job: dict, full: Path, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "killed").exists()  # a rank did die once
     assert json.loads((out / "summary.json").read_text())["completed"] is True
+    assert_same_run(full, out)
+
+
+@pytest.mark.slow
+def test_sigusr1_to_torchrun_stops_the_job_with_a_checkpoint(
+    job: dict, full: Path, tmp_path: Path
+) -> None:
+    """SLURM's ``--signal=USR1@120`` reaches torchrun, which forwards it to the ranks."""
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    env = {**job["env"], "HOOK": "pause:0:2:1", "PAUSED": str(paused)}
+    launcher = subprocess.Popen(
+        _cmd(job, out), env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while not paused.exists() and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.05)
+        assert paused.exists()
+        sent = time.time()
+        launcher.send_signal(signal.SIGUSR1)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    seconds = time.time() - sent
+    assert launcher.returncode != 0
+    lines = _adafilter_lines(stderr)
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("adafilter: stopped by SIGUSR1 at epoch 2 step 1 of 4")
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["position"]["step"] == 1
+    print(f"torchrun ended {seconds:.2f} s after SIGUSR1 (5 s of it the test's pause)")
+    resumed = torchrun(job, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(full, out)
