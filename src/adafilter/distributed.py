@@ -20,6 +20,7 @@ from .errors import AdaFilterError
 
 BACKEND_ENV = "ADAFILTER_DIST_BACKEND"
 BACKENDS = ("nccl", "gloo", "mpi", "ucc")
+_created = False  # whether init_distributed created the default process group
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ def init_distributed(device: torch.device) -> DistEnv:
                 f"{BACKEND_ENV}={backend!r} is not a process-group backend; "
                 f"use one of {', '.join(BACKENDS)} or unset it"
             )
+        global _created
+        _created = True
         store = _restart_store()
         if store is None:
             dist.init_process_group(backend=backend)
@@ -97,9 +100,12 @@ def _restart_store() -> dist.Store | None:
 
 
 def cleanup_distributed() -> None:
-    """Destroy the default process group if this process created one."""
-    if dist.is_available() and dist.is_initialized():
+    """Destroy the default process group if :func:`init_distributed` created it (a group the
+    caller created before is the caller's, and stays)."""
+    global _created
+    if _created and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _created = False
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

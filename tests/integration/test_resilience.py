@@ -337,3 +337,63 @@ def test_resume_refuses_a_changed_setting(
     assert main([*args, "--epochs", "2", "--checkpoint-every", "1", "--resume"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 2 and config["checkpoint_every"] == 1
+
+
+# ---- fit() is a guest in the caller's process (issue 30) ------------------------------------
+
+
+def _fit_one_epoch(tiny: dict, out: Path) -> dict:
+    from adafilter.cli import build_parser, train_config_from_args
+    from adafilter.training.fit import fit
+
+    argv = train_args(tiny["data"], out, "adafilter", *EXTRA, "--epochs", "1")
+    return fit(train_config_from_args(build_parser().parse_args(argv)))
+
+
+def test_fit_gives_the_callers_rng_states_back(tiny: dict, tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    assert _fit_one_epoch(tiny, tmp_path / "run")["completed"]
+    assert random.getstate() == before[0]
+    assert (np.random.get_state()[1] == before[1]).all()
+    assert torch.equal(torch.get_rng_state(), before[2])
+
+
+def test_fit_leaves_a_callers_process_group_alone(tiny: dict, tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert _fit_one_epoch(tiny, tmp_path / "run")["completed"]
+        assert dist.is_initialized()  # the caller's group, still usable
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        assert t.item() == 1.0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fit_leaves_the_allocator_to_the_caller(
+    tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """glibc's malloc thresholds are process-wide: the CLI sets them, a library call does not."""
+    from adafilter.utils import allocator
+
+    looked: list[int] = []
+    monkeypatch.setattr(allocator, "_done", False)
+    monkeypatch.setattr(allocator, "_glibc", lambda: looked.append(1))  # sets nothing
+    monkeypatch.setattr(allocator, "_user_chose", lambda: False)
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    assert _fit_one_epoch(tiny, tmp_path / "run")["completed"]
+    assert looked == []
+    cli = train_args(tiny["data"], tmp_path / "cli", "adafilter", *EXTRA, "--epochs", "1")
+    assert main(cli) == 0
+    assert looked == [1]  # `adafilter train` on the CPU does set them

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -12,6 +13,7 @@ from typing import Any
 from ..errors import AdaFilterError
 from ..training.config import PRESETS, TrainConfig
 from ..tuner.config import AdaFilterConfig
+from ..utils.allocator import keep_freed_memory
 from .base import cli_message, default_of, int_list, setup_logging, subcommand
 
 # Gate flags: (flag, argparse dest, type, help); their values go to TrainConfig.adafilter.
@@ -196,6 +198,15 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
         raise AdaFilterError(f"invalid option value: {e}") from None
 
 
+def keep_memory_on_cpu(device: str) -> None:
+    """A CPU training run keeps freed memory in the process (glibc's thresholds): set here, by
+    the CLI, since it is process-wide; a library call of ``fit`` leaves the allocator alone."""
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        keep_freed_memory(say=logging.getLogger("adafilter").info)
+
+
 @subcommand("train", "train a model with a fine-tuning method", _train_args)
 def cmd_train(args: argparse.Namespace) -> int:
     from ..training.fit import fit
@@ -203,6 +214,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     setup_logging(quiet=config.quiet)
+    keep_memory_on_cpu(config.device)
     try:
         summary = fit(config)
     except TrainingStopped as e:  # a preemption signal: checkpoint written, say how to go on

@@ -44,8 +44,7 @@ from ..distributed import (
 from ..errors import AdaFilterError, CheckpointError
 from ..layers import cpu_gate
 from ..methods import METHODS, Prepared, trainable_per_example
-from ..utils.allocator import keep_freed_memory
-from ..utils.seeding import seed_epoch
+from ..utils.seeding import preserved_rng, seed_epoch
 from .build import amp_dtype, build_model, compiled_model, graphed_forward, resolve_device
 from .config import TrainConfig
 from .data import (
@@ -117,14 +116,13 @@ def fit(config: TrainConfig, *, on_step: StepCallback | None = None) -> dict[str
     # The CUDA device is selected before the process group exists so NCCL binds to it.
     device = resolve_device(config.device, env_from_environ())
     env = init_distributed(device)
-    if device.type == "cpu":
-        keep_freed_memory(say=logger.info)  # activations reused, not faulted in every step
-        if method.has_policies:  # the gated BN's compiled CPU passes
-            cpu_gate.ensure(say=logger.info)  # built before training, never beside it
+    if device.type == "cpu" and method.has_policies:  # the gated BN's compiled CPU passes
+        cpu_gate.ensure(say=logger.info)  # built before training, never beside it
     # No compile of the CPU inference code beside training: it would skew the throughput.
     where = [0]  # the epoch, for failure messages
     try:
         with (
+            preserved_rng(),  # the caller's RNG states come back afterwards
             cpu_gate.builds_paused(),
             stop_on_signals() as stop,
             explain_failures(env, where),
