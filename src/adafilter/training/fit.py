@@ -229,12 +229,12 @@ class Trainer:
         self._telemetry_state = ckpt.get("telemetry")
         self.position = ckpt.get("position")
         if self.position is not None:
-            self._check_position(ckpt)
+            self._check_position()
         if not self.quiet:
             at = f" step {self.position['step']}" if self.position is not None else ""
             logger.info("resuming %s from epoch %d%s", self.run_dir.path, self.start_epoch, at)
 
-    def _check_position(self, ckpt: dict[str, Any]) -> None:
+    def _check_position(self) -> None:
         """A mid-epoch checkpoint resumes only with the processes that wrote it."""
         world = len(self.position["ranks"]) if self.position is not None else 1
         if world != self.env.world_size:
@@ -359,7 +359,7 @@ class Trainer:
 
         def restore() -> None:
             set_rng_state(mine["rng"])
-            generator = getattr(self.module, "_generator", None)
+            generator = getattr(self.module, "policy_generator", None)
             if generator is not None and mine.get("policy_rng") is not None:
                 generator.set_state(mine["policy_rng"])
             if self.telemetry is not None and mine.get("telemetry") is not None:
@@ -400,7 +400,7 @@ class Trainer:
 
     def save_position(self, epoch: int, state: EpochState) -> None:
         """Every rank: the checkpoint of ``state``, a place inside ``epoch`` (rank 0 writes)."""
-        generator = getattr(self.module, "_generator", None)
+        generator = getattr(self.module, "policy_generator", None)
         mine = {
             "sums": state.sums.detach().cpu(),
             "seconds": state.seconds,
