@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -200,11 +199,14 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
 
 def keep_memory_on_cpu(device: str) -> None:
     """A CPU training run keeps freed memory in the process (glibc's thresholds): set here, by
-    the CLI, since it is process-wide; a library call of ``fit`` leaves the allocator alone."""
+    the CLI, since it is process-wide; a library call of ``fit`` leaves the allocator alone.
+
+    Silent: it runs before ``fit`` has checked the options, whose errors must stay one line.
+    """
     import torch
 
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        keep_freed_memory(say=logging.getLogger("adafilter").info)
+        keep_freed_memory()
 
 
 @subcommand("train", "train a model with a fine-tuning method", _train_args)
