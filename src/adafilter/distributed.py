@@ -20,6 +20,7 @@ from .errors import AdaFilterError
 
 BACKEND_ENV = "ADAFILTER_DIST_BACKEND"
 BACKENDS = ("nccl", "gloo", "mpi", "ucc")
+_created = False  # whether init_distributed created the default process group
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,40 @@ def init_distributed(device: torch.device) -> DistEnv:
                 f"{BACKEND_ENV}={backend!r} is not a process-group backend; "
                 f"use one of {', '.join(BACKENDS)} or unset it"
             )
-        dist.init_process_group(backend=backend)
+        global _created
+        _created = True
+        store = _restart_store()
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(
+                backend=backend, store=store, rank=env.rank, world_size=env.world_size
+            )
     return env
 
 
+def _restart_store() -> dist.Store | None:
+    """After a torchrun restart (``--max-restarts``): the agent's store under a prefix of its own.
+
+    The agent keeps its store across restarts, so without a prefix a restarted group would
+    read the previous attempt's addresses and fail to connect (seen with Gloo).
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False
+    )
+    return dist.PrefixStore(f"adafilter/restart_{restart}", client)
+
+
 def cleanup_distributed() -> None:
-    """Destroy the default process group if this process created one."""
-    if dist.is_available() and dist.is_initialized():
+    """Destroy the default process group if :func:`init_distributed` created it (a group the
+    caller created before is the caller's, and stays)."""
+    global _created
+    if _created and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _created = False
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -92,6 +119,15 @@ def barrier(env: DistEnv) -> None:
     """Wait for all ranks (no-op for one process)."""
     if env.enabled:
         dist.barrier()
+
+
+def all_gather_object(obj: object, env: DistEnv) -> list[object]:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
+    if not env.enabled:
+        return [obj]
+    out: list[object] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: object, env: DistEnv) -> object:

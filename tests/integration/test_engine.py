@@ -235,15 +235,16 @@ def test_training_builds_the_cpu_code_first_and_nothing_beside_it(
     """A CPU run of a gated method compiles the CPU code in the foreground before training
     where it is missing (its gated BN passes speed training up; fine-tuning needs none), and
     evaluation inside training starts no background build (it would skew the run's
-    throughput); the first inference afterwards does. Every CPU run (any method) keeps freed
-    memory in the process for reuse first (glibc's thresholds, ``utils/allocator.py``)."""
+    throughput); the first inference afterwards does. Every CPU ``adafilter train`` run (any
+    method) keeps freed memory in the process for reuse first (glibc's thresholds,
+    ``utils/allocator.py``; set by the CLI, not by ``fit``)."""
+    from adafilter.cli import train as cli_train
     from adafilter.layers import cpu_gate
-    from adafilter.training import fit
 
     started: list[int] = []
     built: list[int] = []
     kept: list[int] = []
-    monkeypatch.setattr(fit, "keep_freed_memory", lambda **kw: kept.append(1) or True)
+    monkeypatch.setattr(cli_train, "keep_freed_memory", lambda **kw: kept.append(1) or True)
     monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path / "home"))
     for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
         monkeypatch.setattr(cpu_gate, name, value)

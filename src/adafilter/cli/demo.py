@@ -8,6 +8,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from .base import default_of, int_list, setup_logging, subcommand
+from .train import keep_memory_on_cpu
 
 # DemoConfig flags in --help order: (field, help). The flag is --field-name; its type and
 # default come from the field ("{d}" in the help is the default, never retyped).
@@ -88,6 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         **{f.name: getattr(args, f.name) for f in fields(DemoConfig) if hasattr(args, f.name)}
     )
     setup_logging(quiet=config.quiet)
+    keep_memory_on_cpu(config.device)
     result = run_demo(config)
     report = result["report"]
     print("\n" + report["table"])

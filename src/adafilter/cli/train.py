@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 from ..errors import AdaFilterError
 from ..training.config import PRESETS, TrainConfig
 from ..tuner.config import AdaFilterConfig
-from .base import default_of, int_list, setup_logging, subcommand
+from ..utils.allocator import keep_freed_memory
+from .base import cli_message, default_of, int_list, setup_logging, subcommand
 
 # Gate flags: (flag, argparse dest, type, help); their values go to TrainConfig.adafilter.
 GATE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
@@ -98,6 +100,10 @@ TRAIN_FLAGS: list[tuple[str, str] | None] = [
     ),
     ("bn_momentum", "override the backbone's BN momentum"),
     ("eval_every", "evaluate every N epochs (epoch 1 and the last always; {d})"),
+    (
+        "checkpoint_every",
+        "also checkpoint every N steps inside an epoch, for long epochs (0 = off; default {d})",
+    ),
     (
         "val_fraction",
         "hold out this share of each class's training images for validation (0 = off)",
@@ -196,11 +202,30 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
         raise AdaFilterError(f"invalid option value: {e}") from None
 
 
+def keep_memory_on_cpu(device: str) -> None:
+    """A CPU training run keeps freed memory in the process (glibc's thresholds): set here, by
+    the CLI, since it is process-wide; a library call of ``fit`` leaves the allocator alone.
+
+    Silent: it runs before ``fit`` has checked the options, whose errors must stay one line.
+    """
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        keep_freed_memory()
+
+
 @subcommand("train", "train a model with a fine-tuning method", _train_args)
 def cmd_train(args: argparse.Namespace) -> int:
     from ..training.fit import fit
+    from ..training.stopping import TrainingStopped
 
     config = train_config_from_args(args)
     setup_logging(quiet=config.quiet)
-    summary = fit(config)
+    keep_memory_on_cpu(config.device)
+    try:
+        summary = fit(config)
+    except TrainingStopped as e:  # a preemption signal: checkpoint written, say how to go on
+        if e.main:
+            print(f"adafilter: {cli_message(str(e))}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     return 0 if summary.get("completed") else 1

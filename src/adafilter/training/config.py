@@ -105,6 +105,9 @@ class TrainConfig:
             0.1 for torchvision ResNets, as the paper's ResNet-50; 0.01 for TF-ported
             EfficientNets such as Lite0).
         eval_every: Evaluate after epoch 1, every N epochs and the final epoch.
+        checkpoint_every: Also write the checkpoint every N optimizer steps inside an epoch
+            (0: only at epoch ends), for epochs longer than a scheduler's notice; a run resumed
+            from such a checkpoint continues exactly as the uninterrupted run.
         val_fraction: Hold out this share of each class's training images as a validation
             split (stratified, seeded), evaluated beside the test split; 0 turns it off.
         gate_optimizer: ``"adam"`` (default) or ``"sgd"`` (the paper: SGD with momentum at
@@ -155,6 +158,7 @@ class TrainConfig:
     precise_bn: int = 16
     bn_momentum: float | None = None
     eval_every: int = 1
+    checkpoint_every: int = 0
     val_fraction: float = 0.0
     gate_optimizer: str = "adam"
     download: bool = False
@@ -186,6 +190,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise AdaFilterError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.checkpoint_every < 0:
+            raise AdaFilterError(
+                f"checkpoint_every must be >= 0 steps (0 = off), got {self.checkpoint_every!r}"
+            )
         if self.workers < 0:
             raise AdaFilterError(f"workers must be >= 0, got {self.workers!r}")
         if self.resolution is not None and int(self.resolution) < 8:

@@ -17,6 +17,7 @@ from ..data.base import collate_dropping
 from ..distributed import DistEnv, ShardSampler
 from ..utils.seeding import derive_seed
 from .config import TrainConfig
+from .stopping import ignore_stop_signals
 
 __all__ = [
     "calibration_loader",
@@ -116,6 +117,7 @@ def train_loader(
         drop_last=drop_last,
         generator=gen,
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
     )
 
 
@@ -131,6 +133,7 @@ def eval_loader(
         num_workers=workers,
         pin_memory=pin,
         collate_fn=collate_dropping,
+        worker_init_fn=ignore_stop_signals,
     )
 
 
@@ -149,7 +152,12 @@ def calibration_loader(
     calib = seeded_eval_view(train_ds, eval_ds, n, seed=config.seed, tag="precise-bn")
     sampler = ShardSampler(len(calib), rank=env.rank, world_size=env.world_size)
     return DataLoader(
-        calib, batch_size=batch_size, sampler=sampler, num_workers=config.workers, pin_memory=pin
+        calib,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        pin_memory=pin,
+        worker_init_fn=ignore_stop_signals,
     )
 
 

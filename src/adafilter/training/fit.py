@@ -7,6 +7,15 @@ run resumed from the checkpoint of epoch ``e`` therefore replays epochs ``e+1...
 the uninterrupted run does; remaining differences can only come from nondeterministic kernels
 (cuDNN autotuning/atomics on GPUs; DataLoader worker scheduling never affects order). The
 checkpoint also stores and restores the RNG states themselves.
+
+Stopping and failures (:mod:`.stopping`). A preemption signal (``SIGTERM``, ``SIGUSR1``,
+``SIGINT``) finishes the current step; every rank agrees to stop at that step, rank 0 writes a
+checkpoint that records the position inside the epoch (each rank's running sums, RNG states,
+random-policy generator and gate telemetry) and :class:`~.stopping.TrainingStopped` is raised.
+``checkpoint_every=N`` writes the same kind of checkpoint every N steps. Resuming such a
+checkpoint draws and drops the epoch's batches already trained, restores the RNGs and goes on,
+so the run ends as the uninterrupted one does. A signal during an evaluation or a checkpoint
+write lets it finish, then stops.
 """
 
 from __future__ import annotations
@@ -24,12 +33,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import get_rng_state, load_checkpoint, scheduler_state, set_rng_state
-from ..distributed import DistEnv, cleanup_distributed, env_from_environ, init_distributed
-from ..errors import AdaFilterError
+from ..distributed import (
+    DistEnv,
+    all_gather_object,
+    barrier,
+    cleanup_distributed,
+    env_from_environ,
+    init_distributed,
+)
+from ..errors import AdaFilterError, CheckpointError
 from ..layers import cpu_gate
 from ..methods import METHODS, Prepared, trainable_per_example
-from ..utils.allocator import keep_freed_memory
-from ..utils.seeding import seed_epoch
+from ..utils.seeding import preserved_rng, seed_epoch
 from .build import amp_dtype, build_model, compiled_model, graphed_forward, resolve_device
 from .config import TrainConfig
 from .data import (
@@ -40,10 +55,17 @@ from .data import (
     run_splits,
     train_loader,
 )
-from .loop import evaluate, recalibrate, train_one_epoch
+from .loop import EpochState, evaluate, recalibrate, train_one_epoch
 from .optim import build_optimizer, build_param_groups, build_scheduler, group_lr
 from .precise_bn import set_bn_momentum
 from .run_dir import RunDir, load_model_state
+from .stopping import (
+    StopRequest,
+    TrainingStopped,
+    explain_failures,
+    signal_name,
+    stop_on_signals,
+)
 from .telemetry import GateTelemetry
 from .tensorboard import TensorBoardLog
 
@@ -71,7 +93,10 @@ def fit(config: TrainConfig, *, on_step: StepCallback | None = None) -> dict[str
         The summary dict (as written to ``summary.json``).
 
     Raises:
-        AdaFilterError: Bad names, paths, options or an incompatible checkpoint.
+        AdaFilterError: Bad names, paths, options or an incompatible checkpoint; a full or
+            read-only disk (:class:`~adafilter.errors.WriteError`); a dead DataLoader worker
+            or DDP rank.
+        TrainingStopped: A stop signal arrived; the checkpoint to resume from is written.
     """
     from ..backbones import BACKBONES
     from ..data import DATASETS
@@ -92,23 +117,31 @@ def fit(config: TrainConfig, *, on_step: StepCallback | None = None) -> dict[str
     # The CUDA device is selected before the process group exists so NCCL binds to it.
     device = resolve_device(config.device, env_from_environ())
     env = init_distributed(device)
-    if device.type == "cpu":
-        keep_freed_memory(say=logger.info)  # activations reused, not faulted in every step
-        if method.has_policies:  # the gated BN's compiled CPU passes
-            cpu_gate.ensure(say=logger.info)  # built before training, never beside it
+    if device.type == "cpu" and method.has_policies:  # the gated BN's compiled CPU passes
+        cpu_gate.ensure(say=logger.info)  # built before training, never beside it
     # No compile of the CPU inference code beside training: it would skew the throughput.
+    where = [0]  # the epoch, for failure messages
     try:
-        with cpu_gate.builds_paused():
-            trainer = Trainer(config, env=env, device=device, splits=splits, run_dir=run_dir)
+        with (
+            preserved_rng(),  # the caller's RNG states come back afterwards
+            cpu_gate.builds_paused(),
+            stop_on_signals() as stop,
+            explain_failures(env, where),
+        ):
+            trainer = Trainer(
+                config, env=env, device=device, splits=splits, run_dir=run_dir, stop=stop
+            )
             if ckpt is not None:
                 trainer.restore(ckpt)
             elif config.resume and not trainer.quiet:
                 logger.info("no checkpoint in %s yet: starting a new run", run_dir.path)
             trainer.prepare_loop()
             for epoch in range(trainer.start_epoch, config.epochs + 1):
+                where[0] = epoch
                 trainer.run_epoch(epoch, on_step=on_step)
                 if trainer.main:
                     trainer.save(epoch)
+                trainer.stop_if_asked(epoch)
             return trainer.finish()
     finally:
         cleanup_distributed()
@@ -123,6 +156,7 @@ class Trainer:
         device: Where to train.
         splits: ``(train, val or None, eval, info)`` from :func:`.data.run_splits`.
         run_dir: The output directory.
+        stop: Where stop signals are recorded (default: none ever arrives).
     """
 
     def __init__(
@@ -133,8 +167,10 @@ class Trainer:
         device: torch.device,
         splits: tuple[Any, Any | None, Any, Any],
         run_dir: RunDir,
+        stop: StopRequest | None = None,
     ) -> None:
         self.t0 = time.perf_counter()
+        self.stop = stop or StopRequest()
         self.config, self.env, self.device, self.run_dir = config, env, device, run_dir
         self.amp_dtype = amp_dtype(config.amp, device)
         self.main = env.is_main
@@ -150,6 +186,8 @@ class Trainer:
         self.policy: dict[str, Any] | None = None
         self.start_epoch = 1
         self.wall_before = 0.0
+        self.position: dict[str, Any] | None = None  # where a mid-epoch checkpoint stopped
+        self._telemetry_state: dict[str, Any] | None = None
         self.tensorboard = None
         if config.tensorboard and self.main:
             layers = getattr(self.module, "gated_layer_names", None)
@@ -193,8 +231,23 @@ class Trainer:
         self.metrics = list(ckpt.get("metrics", []))
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.wall_before = float(ckpt.get("wall_time_s", 0.0))
+        self._telemetry_state = ckpt.get("telemetry")
+        self.position = ckpt.get("position")
+        if self.position is not None:
+            self._check_position()
         if not self.quiet:
-            logger.info("resuming %s from epoch %d", self.run_dir.path, self.start_epoch)
+            at = f" step {self.position['step']}" if self.position is not None else ""
+            logger.info("resuming %s from epoch %d%s", self.run_dir.path, self.start_epoch, at)
+
+    def _check_position(self) -> None:
+        """A mid-epoch checkpoint resumes only with the processes that wrote it."""
+        world = len(self.position["ranks"]) if self.position is not None else 1
+        if world != self.env.world_size:
+            raise CheckpointError(
+                f"checkpoint {str(self.run_dir.checkpoint)!r} was written inside epoch "
+                f"{self.start_epoch} by {world} processes; resume it with {world} processes "
+                f"(not {self.env.world_size})"
+            )
 
     def prepare_loop(self) -> None:
         """The CUDA-graph wrapper, DDP, the evaluation loaders and the gate telemetry."""
@@ -232,6 +285,8 @@ class Trainer:
         if self.method.trains_gate:
             probe = probe_batch(self.train_ds, self.eval_ds, config, device)
             self.telemetry = GateTelemetry(self.module, probe)
+            if self._telemetry_state is not None:
+                self.telemetry.load_state_dict(self._telemetry_state)
 
     def run_epoch(self, epoch: int, *, on_step: StepCallback | None = None) -> dict[str, Any]:
         """Train one epoch, evaluate when due, step the schedule; the epoch's metrics row."""
@@ -250,6 +305,7 @@ class Trainer:
         lr = group_lr(self.optimizer, self.groups[0]["name"])
         gate_lr = group_lr(self.optimizer, "gate")
         t_epoch = time.perf_counter()
+        resume_from, on_resumed = self._resume_position(epoch)
         train = train_one_epoch(
             self.model,
             loader,
@@ -266,6 +322,9 @@ class Trainer:
             graphed=self.graphed,
             after_backward=self.telemetry.after_backward if self.telemetry is not None else None,
             on_step=on_step,
+            resume_from=resume_from,
+            on_resumed=on_resumed,
+            after_step=self._after_step(epoch, len(loader)),
         )
         last = epoch == config.epochs
         due = last or epoch == 1 or epoch % config.eval_every == 0
@@ -278,6 +337,8 @@ class Trainer:
         row = _metrics_row(epoch, lr, gate_lr if self.method.trains_gate else None, train)
         row.update(_eval_fields(evaluated))
         row["seconds"] = time.perf_counter() - t_epoch
+        if resume_from is not None:
+            row["seconds"] += resume_from.seconds
         row["images_per_second"] = train["images_per_second"]
         for split in ("val", "test"):  # only when unreadable images were left out
             if evaluated[split].get("dropped"):
@@ -292,6 +353,80 @@ class Trainer:
         if not self.quiet:
             logger.info("%s", epoch_line(row, config.epochs))
         return row
+
+    def _resume_position(self, epoch: int) -> tuple[EpochState | None, Callable[[], None] | None]:
+        """This rank's place in ``epoch`` when resuming inside it, and what restores the rest."""
+        position, self.position = self.position, None
+        if position is None or int(position["epoch"]) != epoch:
+            return None, None
+        mine = position["ranks"][self.env.rank]
+        state = EpochState(
+            int(position["step"]), mine["sums"].to(self.device), float(mine["seconds"])
+        )
+
+        def restore() -> None:
+            set_rng_state(mine["rng"])
+            generator = getattr(self.module, "policy_generator", None)
+            if generator is not None and mine.get("policy_rng") is not None:
+                generator.set_state(mine["policy_rng"])
+            if self.telemetry is not None and mine.get("telemetry") is not None:
+                self.telemetry.load_state_dict(mine["telemetry"])
+
+        return state, restore
+
+    def _after_step(self, epoch: int, steps: int) -> Callable[[EpochState], None]:
+        """Checkpoints every ``checkpoint_every`` steps and stops at a signal, inside ``epoch``
+        (at its last step the epoch's end does both)."""
+        every = self.config.checkpoint_every
+
+        def after(state: EpochState) -> None:
+            if state.step >= steps:
+                return
+            signum = self.stop.agreed(self.env, self.device)
+            if signum or (every and state.step % every == 0):
+                self.save_position(epoch, state)
+            if signum:
+                self._stopped(signum, f"epoch {epoch} step {state.step} of {steps}")
+
+        return after
+
+    def stop_if_asked(self, epoch: int) -> None:
+        """At an epoch's end (its checkpoint written): stop if any rank got a signal."""
+        if epoch < self.config.epochs:
+            signum = self.stop.agreed(self.env, self.device)
+            if signum:
+                self._stopped(signum, f"the end of epoch {epoch}")
+
+    def _stopped(self, signum: int, where: str) -> None:
+        raise TrainingStopped(
+            f"stopped by {signal_name(signum)} at {where}; checkpoint saved in "
+            f"{str(self.run_dir.path)!r}: rerun with resume=True (same options) to continue",
+            signum=signum,
+            main=self.main,
+        )
+
+    def save_position(self, epoch: int, state: EpochState) -> None:
+        """Every rank: the checkpoint of ``state``, a place inside ``epoch`` (rank 0 writes)."""
+        generator = getattr(self.module, "policy_generator", None)
+        mine = {
+            "sums": state.sums.detach().cpu(),
+            "seconds": state.seconds,
+            "rng": get_rng_state(),
+            "policy_rng": generator.get_state() if generator is not None else None,
+            "telemetry": self.telemetry.state_dict() if self.telemetry is not None else None,
+        }
+        ranks = all_gather_object(mine, self.env)
+        if self.main:
+            ckpt = self.checkpoint_state(epoch - 1)
+            ckpt["position"] = {"epoch": epoch, "step": state.step, "ranks": ranks}
+            self.run_dir.write_epoch(
+                ckpt,
+                metrics=self.metrics,
+                policy=self.policy,
+                class_names=self.class_names,
+                summary=self.summary(completed=False),
+            )
+        barrier(self.env)  # no rank leaves (and gets its job torn down) before the write ends
 
     def _evaluate(self, *, final: bool) -> dict[str, dict[str, Any]]:
         """Precise BN (if configured), then the validation and test splits."""
@@ -345,6 +480,7 @@ class Trainer:
             "num_classes": self.num_classes,
             "class_names": self.class_names,
             "world_size": self.env.world_size,
+            "telemetry": self.telemetry.state_dict() if self.telemetry is not None else None,
         }
 
     def summary(self, *, completed: bool) -> dict[str, Any]:

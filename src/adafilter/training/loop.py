@@ -10,6 +10,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +24,22 @@ from .divergence import explain_divergence
 from .policy_stats import PolicyStats
 from .precise_bn import recalibrate_bn
 
-__all__ = ["GraphedForward", "evaluate", "recalibrate", "train_one_epoch"]
+__all__ = ["EpochState", "GraphedForward", "evaluate", "recalibrate", "train_one_epoch"]
+
+
+@dataclass
+class EpochState:
+    """Where a training epoch stands on this rank (what a mid-epoch checkpoint records).
+
+    Attributes:
+        step: Optimizer steps done in this epoch.
+        sums: ``[loss * n, correct, n]`` over those steps' batches (float64).
+        seconds: Training time spent on them.
+    """
+
+    step: int
+    sums: Tensor
+    seconds: float = 0.0
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None, cache: bool = True) -> Any:
@@ -107,6 +123,9 @@ def train_one_epoch(
     graphed: GraphedForward | None = None,
     after_backward: Callable[[], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    resume_from: EpochState | None = None,
+    on_resumed: Callable[[], None] | None = None,
+    after_step: Callable[[EpochState], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` with cross-entropy (+ ``regularizer``) and SGD steps.
 
@@ -127,6 +146,13 @@ def train_one_epoch(
         after_backward: Called after each backward, before the optimizer step (telemetry).
         on_step: Called as ``on_step(epoch, step)`` after each optimizer step (1-based step),
             e.g. to stop a process mid-epoch in a resume test.
+        resume_from: Continue an epoch after ``resume_from.step`` steps: those batches are
+            drawn (so the loader and its workers are where the interrupted run was) and
+            dropped, then ``on_resumed()`` restores the rest of the state (the RNGs) before
+            the next batch is drawn.
+        on_resumed: See ``resume_from``.
+        after_step: Called with the epoch's :class:`EpochState` after each step (and after
+            ``on_step``): checkpoints inside the epoch, stop requests.
 
     Returns:
         ``{"loss", "acc", "images", "steps", "seconds", "images_per_second"}``: mean cross-entropy
@@ -136,10 +162,18 @@ def train_one_epoch(
     model.train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-    start = time.perf_counter()
-    step = 0
+    step, before = 0, 0.0
+    batches = _guarded(iter(loader))
+    if resume_from is not None:
+        step, before = resume_from.step, resume_from.seconds
+        sums.copy_(resume_from.sums)
+        for _ in range(step):
+            next(batches)
+        if on_resumed is not None:
+            on_resumed()
+    start, first = time.perf_counter(), step + 1
     for step, (images, labels) in enumerate(
-        _progress(loader, enabled=progress, desc=f"train {epoch}"), start=1
+        _progress(batches, enabled=progress, desc=f"train {epoch}"), start=first
     ):
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
@@ -157,9 +191,43 @@ def train_one_epoch(
         sums += _batch_sums(loss, logits, labels)
         if on_step is not None:
             on_step(epoch, step)
+        if after_step is not None:
+            after_step(EpochState(step, sums, before + time.perf_counter() - start))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return _epoch_stats(sums, steps=step, seconds=time.perf_counter() - start, env=env)
+    return _epoch_stats(sums, steps=step, seconds=before + time.perf_counter() - start, env=env)
+
+
+def _guarded(batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches``, with a failure while a DataLoader worker lies dead reported as such.
+
+    A worker killed (``kill -9``, the out-of-memory killer) while it hands a batch over
+    surfaces as a broken connection; name the dead worker instead.
+    """
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (RuntimeError, OSError, EOFError) as e:
+            dead = _dead_workers(getattr(batches, "_workers", None) or [])
+            if not dead:
+                raise
+            raise RuntimeError(
+                f"DataLoader worker ({', '.join(dead)}) exited unexpectedly: {type(e).__name__}"
+            ) from None
+        yield batch
+
+
+def _dead_workers(workers: list[Any], wait: float = 2.0) -> list[str]:
+    """The DataLoader workers that died (a worker dying is seen a moment after its pipes)."""
+    deadline = time.monotonic() + wait
+    while workers:
+        dead = [f"pid {w.pid} exit {w.exitcode}" for w in workers if not w.is_alive()]
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.05)
+    return []
 
 
 def _batch_sums(loss: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
@@ -248,7 +316,7 @@ def evaluate(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct, n, dropped
     dropped = 0
-    for images, labels in _progress(loader, enabled=progress, desc="eval"):
+    for images, labels in _progress(_guarded(iter(loader)), enabled=progress, desc="eval"):
         keep = labels != DROPPED_LABEL  # on the host: no device sync
         if not bool(keep.all()):
             dropped += int((~keep).sum())

@@ -3,36 +3,58 @@
 ``config.json`` (at the start), then after every epoch, checkpoint first so the result files
 never get ahead of what ``resume=True`` restores: ``checkpoint.pt``, ``metrics.jsonl``,
 ``policy.json`` (methods with policies) and ``summary.json``; all through the one atomic writer.
+A full or read-only disk stops the run with one :class:`~adafilter.errors.WriteError` line; the
+files written before stay as they were, so ``resume=True`` continues once there is room.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..errors import AdaFilterError, CheckpointError
-from ..utils.io import atomic_write_json, atomic_write_jsonl
+from ..errors import AdaFilterError, CheckpointError, WriteError
+from ..utils.io import atomic_write_json, atomic_write_jsonl, ensure_dir
 from .config import TrainConfig
 
-__all__ = ["RESUME_KEYS", "RunDir", "check_resume", "load_model_state", "policy_json"]
+__all__ = [
+    "MAY_CHANGE_ON_RESUME",
+    "RESUME_KEYS",
+    "RunDir",
+    "check_resume",
+    "load_model_state",
+    "policy_json",
+]
 
-# Keys of a checkpoint's config that must match for resume (they define model and data).
-RESUME_KEYS = (
-    "method",
-    "dataset",
-    "backbone",
-    "resolution",
-    "adafilter",
-    "gate_backbone",
-    "subset_per_class",
-    "train_per_class",
-    "val_fraction",
-    "seed",
+# Settings a resumed run may change: where files are, how long it runs, how it computes.
+# config.json and summary.json record their new values, which are the ones in effect.
+MAY_CHANGE_ON_RESUME = (
+    "out",
+    "data_root",
+    "epochs",
+    "workers",
+    "device",
+    "amp",
+    "channels_last",
+    "cuda_graphs",
+    "compile",
+    "compile_backend",
+    "eval_every",
+    "checkpoint_every",
+    "download",
+    "quiet",
+    "tensorboard",
+    "resume",
 )
+# Keys of a checkpoint's config that must match for resume: every other setting (model, data,
+# optimizer, schedule, augmentation, precise BN), since the checkpoint's state was made by them.
+RESUME_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in MAY_CHANGE_ON_RESUME)
 
 
 class RunDir:
@@ -67,8 +89,28 @@ class RunDir:
         return None
 
     def write_config(self, config: TrainConfig) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path / "config.json", config.to_dict())
+        """``config.json`` (creating the directory)."""
+        with self._room():
+            ensure_dir(self.path)
+            atomic_write_json(self.path / "config.json", config.to_dict())
+
+    @contextlib.contextmanager
+    def _room(self) -> Iterator[None]:
+        """A :class:`WriteError` gets what was kept and how to go on added to its line."""
+        try:
+            yield
+        except WriteError as e:
+            kept = (
+                f"the last checkpoint {str(self.checkpoint)!r} is intact"
+                if self.checkpoint.exists()
+                else "no checkpoint was written yet"
+            )
+            raise WriteError(
+                f"{e}; {kept}: make room (or make the directory writable) and rerun with "
+                "resume=True",
+                path=e.path,
+                errno=e.errno,
+            ) from None
 
     def write_epoch(
         self,
@@ -80,14 +122,17 @@ class RunDir:
         summary: dict[str, Any],
     ) -> None:
         """The checkpoint first, then ``metrics.jsonl``, ``policy.json``, ``summary.json``."""
-        save_checkpoint(self.checkpoint, state)
-        atomic_write_jsonl(self.path / "metrics.jsonl", metrics)
-        if policy is not None:
-            atomic_write_json(self.path / "policy.json", policy_json(policy, class_names))
-        self.write_summary(summary)
+        with self._room():
+            save_checkpoint(self.checkpoint, state)
+            atomic_write_jsonl(self.path / "metrics.jsonl", metrics)
+            if policy is not None:
+                atomic_write_json(self.path / "policy.json", policy_json(policy, class_names))
+            atomic_write_json(self.path / "summary.json", summary)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_json(self.path / "summary.json", summary)
+        """``summary.json``."""
+        with self._room():
+            atomic_write_json(self.path / "summary.json", summary)
 
     def recorded_policy(self) -> dict[str, Any] | None:
         """The final evaluation's ``{"overall": ...}`` of a finished run, if recorded."""
@@ -99,13 +144,19 @@ class RunDir:
 
 
 def check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    """Raise :class:`CheckpointError` when ``ckpt`` is from a run with other model/data keys."""
+    """Raise :class:`CheckpointError` when ``ckpt`` was made with other settings.
+
+    Every setting but :data:`MAY_CHANGE_ON_RESUME` must match: the checkpoint's weights,
+    optimizer state (learning rates, momentum, weight decay) and schedule were made by the
+    recorded values, and a resumed run continues with those, never a silent mix.
+    """
     old = ckpt.get("config") or {}
     for key in RESUME_KEYS:
         if key in old and old[key] != getattr(config, key):
             raise CheckpointError(
                 f"checkpoint {str(path)!r} is from another run: {key} {old[key]!r} there, "
-                f"{getattr(config, key)!r} now; use another out= or the same options"
+                f"{getattr(config, key)!r} now; resume=True continues a run with its recorded "
+                f"settings: pass {key}={old[key]!r} or use another out="
             )
 
 

@@ -68,6 +68,19 @@ class GateTelemetry:
         self._sums += torch.stack(norms).double().cpu().sqrt()
         self._steps += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """The accumulators and the last epoch's decisions (for checkpoints)."""
+        return {"sums": self._sums.clone(), "steps": self._steps, "previous": self._previous}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`."""
+        self._sums.copy_(state["sums"])
+        self._steps = int(state["steps"])
+        previous = state["previous"]
+        if previous is not None:
+            previous = {k: v.to(self.probe.device) for k, v in previous.items()}
+        self._previous = previous
+
     @torch.no_grad()
     def epoch_end(self) -> dict[str, Any]:
         """The epoch's telemetry; resets the gradient accumulators."""

@@ -110,6 +110,11 @@ class AdaFilterModel(nn.Module):
         """The gated layers by conv name, in execution order."""
         return {n: self.model.get_submodule(n) for n in self.gated_layer_names}  # type: ignore[misc]
 
+    @property
+    def policy_generator(self) -> torch.Generator:
+        """The ``random`` mode's generator (its state goes into mid-epoch checkpoints)."""
+        return self._generator
+
     def set_policy_mode(
         self, mode: str, *, p: float | None = None, seed: int | None = None
     ) -> None:
