@@ -221,6 +221,26 @@ def _compare_model_step(device: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def compare_small(device: str) -> None:
+    """One gated BN training step (degenerate, whole-branch and mixed channels), kernels on
+    vs off: output, every gradient and the running statistics; the kernels must have run."""
+    assert kernels.available(torch.zeros(1, device=device)), "kernels not used"
+    ran: list[str] = []
+    real = kernels.select_affine
+    kernels.select_affine = lambda *a, **k: ran.append("select_affine") or real(*a, **k)
+    out_k, rest_k = _run(device, True, "mixed", 0.1)
+    kernels.select_affine = real
+    kernels.ENABLED = False
+    out_e, rest_e = _run(device, True, "mixed", 0.1)
+    kernels.ENABLED = True
+    assert ran, "the Triton passes did not run"
+    torch.testing.assert_close(out_k, out_e, atol=1e-5, rtol=1e-4)
+    assert len(rest_k) == len(rest_e)
+    for a, b in zip(rest_k, rest_e, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    print("equal to eager")
+
+
 def _in_subprocess(call: str, **env: str) -> str:
     """Run ``test_kernels.<call>`` in a fresh interpreter with ``env`` (Triton reads its mode
     at import); its stdout. The interpreter mode skips where it cannot be imported."""
@@ -236,6 +256,12 @@ def _in_subprocess(call: str, **env: str) -> str:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_a_gated_bn_step_matches_eager_under_triton_interpreter() -> None:
+    """The default tier's Triton case (seconds): one gated BN step against eager."""
+    assert "equal to eager" in _in_subprocess("compare_small('cpu')", TRITON_INTERPRET="1")
 
 
 @pytest.mark.slow  # the interpreter runs each program in Python (~30 s of CPU here)

@@ -808,7 +808,7 @@ def gate_step(
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """The recurrent gate's eval step (no autograd) as one kernel after the pooling sum.
 
-    Same arguments as :class:`~adafilter.layers.gate._EvalWeights` holds them: ``emb`` the
+    Same arguments as :class:`~adafilter.layers.gate_weights.EvalWeights` holds them: ``emb`` the
     embedding transposed (C_in, E) or ``None`` when it is folded into ``inp`` (K, 4H);
     ``hid`` (H, 4H), ``head`` (H, C_out); the cell gate's rows pre-doubled. One program per
     example runs the embedding, the LSTM pre-activations, the cell and the head, where the
