@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,64 @@ def test_predict_runs_the_batch1_fast_path(
         x = run.transform(Image.open(path))[None]
         logits = run.model(x)
     torch.testing.assert_close(logits.softmax(1)[0].max().item(), pred.top_k[0][1])
+
+
+def test_predict_is_thread_safe(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads predicting at once on one LoadedRun each get their own image's prediction
+    and policy (the policy comes back with the forward, not from the model's last state)."""
+    run = adafilter.load(runs["mixed"])
+    with torch.no_grad():  # policies that depend on the image
+        for head in run.model.gate.heads:
+            head.weight.mul_(30)
+            head.bias.zero_()
+    images = [Image.open(p).convert("RGB") for p, _ in val_images(runs["data"])]
+    want = [run.predict(img, top_k=2) for img in images]
+    assert len({tuple(w.policy.values()) for w in want}) > 1  # images differ in policy
+    # another forward landing between a call's forward and its policy read changes nothing
+    real = adafilter.AdaFilterModel.forward_with_policies
+    other = run.transform(images[-1])[None]
+
+    def interleaved(self: adafilter.AdaFilterModel, x: torch.Tensor) -> object:
+        out = real(self, x)
+        real(self, other)  # as another thread would
+        return out
+
+    with monkeypatch.context() as mp:
+        mp.setattr(adafilter.AdaFilterModel, "forward_with_policies", interleaved)
+        assert run.predict(images[0], top_k=2).policy == want[0].policy != want[-1].policy
+    wrong: list[int] = []
+
+    def work(k: int) -> None:
+        for r in range(3 * len(images)):
+            i = (k + r) % len(images)
+            got = run.predict(images[i], top_k=2)
+            if got.policy != want[i].policy or got.indices != want[i].indices:
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+def test_predict_keeps_the_merged_filters_across_calls(runs: dict[str, Path]) -> None:
+    """The batch-1 merged filter banks made by the first call serve the next calls (only the
+    filters whose decision changed are recopied); a model left training is put in eval."""
+    run = adafilter.load(runs["mixed"])
+    layers = list(run.model.gated_layers().values())
+    paths = [p for p, _ in val_images(runs["data"])]
+    run.predict(paths[0])
+    banks = [layer._merged for layer in layers]
+    assert all(b is not None for b in banks)
+    run.predict(paths[1])
+    list(run.predict_files(paths[2:4]))
+    assert all(layer._merged is b for layer, b in zip(layers, banks, strict=True))  # kept
+    run.model.train()
+    run.predict(paths[0])
+    assert not run.model.training
+    assert not any(layer._merged is b for layer, b in zip(layers, banks, strict=True))
 
 
 # ---- predict -------------------------------------------------------------------------------
