@@ -174,6 +174,49 @@ def test_predict_keeps_the_merged_filters_across_calls(runs: dict[str, Path]) ->
     assert not any(layer._merged is b for layer, b in zip(layers, banks, strict=True))
 
 
+def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA present but unused by this process: any read or write of its RNG state, or its
+    initialisation, fails the test."""
+
+    def touched(*args: object, **kwargs: object) -> None:
+        pytest.fail("CPU work touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    for name in ("get_rng_state_all", "set_rng_state_all", "get_rng_state", "set_rng_state"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", touched)
+    monkeypatch.setattr(torch.cuda, "init", touched)
+
+
+def test_cpu_checkpoints_and_load_leave_cuda_alone(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA machine doing CPU work: the RNG state saved with a checkpoint, its restore,
+    ``adafilter.load(..., device="cpu")`` and a prediction never read or write CUDA's RNG
+    (that would create a CUDA context); a process already using CUDA keeps its state."""
+    from adafilter.checkpoint import get_rng_state, load_checkpoint, set_rng_state
+
+    _no_cuda(monkeypatch)
+    state = get_rng_state()
+    assert state["cuda"] == []
+    save_checkpoint(tmp_path / "c.pt", {"rng": state})
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]})  # saved on a GPU
+    run = adafilter.load(runs["adafilter"], device="cpu")
+    run.predict(val_images(runs["data"])[0][0])
+    cuda_state = [torch.arange(16, dtype=torch.uint8)]
+    restored: list[object] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = get_rng_state()
+    assert state["cuda"] is cuda_state
+    set_rng_state(state)
+    assert restored == [cuda_state]
+
+
 # ---- predict -------------------------------------------------------------------------------
 
 
