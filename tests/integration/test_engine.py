@@ -18,8 +18,8 @@ import torch
 from adafilter.checkpoint import get_rng_state, load_checkpoint, set_rng_state
 from adafilter.cli import build_parser, main, train_config_from_args
 from adafilter.data import UnreadableImageWarning
-from adafilter.engine import build_scheduler, group_lr
 from adafilter.methods import METHODS
+from adafilter.training.optim import build_scheduler, group_lr
 from helpers import make_imagefolder, read_jsonl, train_args
 
 # ---- schedule -------------------------------------------------------------------------------

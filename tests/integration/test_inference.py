@@ -303,8 +303,8 @@ def test_export_format_safetensors_needs_the_package(
 ) -> None:
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(adafilter.AdaFilterError, match="pip install safetensors"):
-        adafilter.inference.export_run(runs["finetune"], tmp_path / "m.st", format="safetensors")
-    meta = adafilter.inference.export_run(runs["finetune"], tmp_path / "m.st")  # auto -> torch
+        adafilter.deploy.export_run(runs["finetune"], tmp_path / "m.st", format="safetensors")
+    meta = adafilter.deploy.export_run(runs["finetune"], tmp_path / "m.st")  # auto -> torch
     assert meta["weights_format"] == "torch" and adafilter.load(tmp_path / "m.st").kind == "export"
 
 
