@@ -1,4 +1,4 @@
-"""Triton kernels (layers/kernels.py) -- the gated BN forward and backward, the gate's eval
+"""Triton kernels (layers/kernels/) -- the gated BN forward and backward, the gate's eval
 step -- against the eager paths they replace on CUDA.
 
 On CPU they run through Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before
@@ -10,6 +10,7 @@ a CUDA machine the same comparison runs on the GPU. Tolerance: ``atol=1e-5, rtol
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import inspect
 import os
@@ -241,6 +242,17 @@ def compare_small(device: str) -> None:
     print("equal to eager")
 
 
+def _kernel_names() -> set[str]:
+    """Every Triton kernel (``*_kernel``) of the kernels package's modules."""
+    import pkgutil
+
+    mods = [
+        importlib.import_module(f"{kernels.__name__}.{m.name}")
+        for m in pkgutil.iter_modules(kernels.__path__)
+    ]
+    return {n for m in mods for n in dir(m) if n.endswith("_kernel")}
+
+
 def _in_subprocess(call: str, **env: str) -> str:
     """Run ``test_kernels.<call>`` in a fresh interpreter with ``env`` (Triton reads its mode
     at import); its stdout. The interpreter mode skips where it cannot be imported."""
@@ -365,7 +377,7 @@ def program_order_check() -> None:
     for order in ("reversed", "shuffled"):
         with _ProgramOrder(order) as patch:
             got = _kernel_outputs()
-        names = {n for n in dir(kernels) if n.endswith("_kernel")}
+        names = _kernel_names()
         assert patch.kernels_moved == names, (order, names - patch.kernels_moved)
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             assert torch.equal(a, b), (order, i, (a - b).abs().max().item())
@@ -463,7 +475,7 @@ def compile_for_cuda(capabilities: tuple[int, ...]) -> None:
 
     launches = _recorded_launches()
     names = {k.fn.__name__ for k, _, _ in launches}
-    assert names == {n for n in dir(kernels) if n.endswith("_kernel")}, names  # every kernel
+    assert names == _kernel_names(), names  # every kernel
     for cap in capabilities:
         for kernel, sig, constexprs in launches:
             src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
