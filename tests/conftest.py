@@ -109,7 +109,9 @@ def has_toolchain() -> bool:
 
 
 @pytest.fixture(scope="session")
-def built(request: pytest.FixtureRequest) -> Iterator[object]:
+def built(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[object]:
     """The compiled CPU code (:mod:`adafilter.layers.cpu_gate`), built once per session with
     ``build()`` (as ``adafilter build-kernels``) into pytest's cache directory, so a later run
     of an unchanged source loads it in milliseconds (a fresh checkout builds it: ~35 s here).
@@ -117,7 +119,8 @@ def built(request: pytest.FixtureRequest) -> Iterator[object]:
     (``monkeypatch.setattr(cpu_gate, "_module", built)``); others keep the ATen step."""
     if not has_toolchain():
         pytest.skip("needs a C++ compiler and ninja (pip install ninja)")
-    home = request.config.cache.mkdir("adafilter-kernels")
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    home = cache.mkdir("adafilter-kernels") if cache else tmp_path_factory.mktemp("kernels")
     home.chmod(0o700)  # the kernel cache must be private (cpu_gate.cache_problem)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ADAFILTER_HOME", str(home))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from adafilter.checkpoint import save_checkpoint
 from adafilter.cli import main
 from adafilter.errors import CheckpointError
 from adafilter.layers.gated_conv import GatedConv2dBN
-from helpers import one_line_error, train_args
+from helpers import one_line_error, run_in_threads, train_args
 
 CLASSES = ["cat", "dog"]
 
@@ -148,11 +147,7 @@ def test_predict_is_thread_safe(runs: dict[str, Path], monkeypatch: pytest.Monke
             if got.policy != want[i].policy or got.indices != want[i].indices:
                 wrong.append(i)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work)
     assert not wrong
 
 

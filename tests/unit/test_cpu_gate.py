@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ from adafilter.layers import cpu_gate
 from adafilter.layers.gate import RecurrentGate
 from adafilter.layers.gated_conv import GatedConv2dBN, policy_source
 from adafilter.tuner.policies import ForwardPolicies
-from helpers import mix_policies, perturb_bn
+from helpers import mix_policies, perturb_bn, run_in_threads
 
 
 @pytest.fixture()
@@ -498,11 +497,7 @@ def _check_threads_share_banks_safely() -> None:
                 if not torch.allclose(model(xs[i]), want[i], rtol=1e-4, atol=1e-4):
                     wrong.append(i)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work)
     assert not wrong
 
 

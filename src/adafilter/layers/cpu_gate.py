@@ -4,14 +4,14 @@ In an eval forward each gated layer runs the gate's step -- pool the input, two 
 matrix products, the LSTM cell, the head, the threshold -- as ~13 ATen calls; right after a
 conv has streamed megabytes through the caches each call costs tens of microseconds, ~25 ms
 of a ResNet-50 batch-1 forward (README, *Inference at the cost of plain fine-tuning*). Here the
-whole step is one C++ loop nest over the same cached weights (:class:`~.gate_weights.
-EvalWeights`), float32, CPU, any batch size; equal to the ATen step up to summation order. At
-batch 1 a second function runs a whole gated layer -- the step, the threshold, the recopy of
-the filters whose decision changed, the conv -- in one call from Python (:func:`layer`). In
-training, the gated BN's four per-plane passes (``bn_stats``, ``bn_apply``, ``bn_sums``,
-``bn_grads``: the CPU counterparts of the Triton kernels' per-plane passes, reading only the
-routed branch where one suffices) replace about a dozen ATen calls and full-size temporaries
-per layer (:func:`~.gated_bn.gated_batch_norm` uses them where built).
+whole step is one C++ loop nest over the same cached weights
+(:class:`~.gate_weights.EvalWeights`), float32, CPU, any batch size; equal to the ATen step up
+to summation order. At batch 1 a second function runs a whole gated layer -- the step, the
+threshold, the recopy of the filters whose decision changed, the conv -- in one call from
+Python (:func:`bind`). In training, the gated BN's four per-plane passes (``bn_stats``,
+``bn_apply``, ``bn_sums``, ``bn_grads``: the CPU counterparts of the Triton kernels' per-plane
+passes, reading only the routed branch where one suffices) replace about a dozen ATen calls and
+full-size temporaries per layer (:func:`~.gated_bn.gated_batch_norm` uses them where built).
 
 The C++ is ``csrc/cpu_gate.cpp`` (package data). It is compiled only when asked: by
 :func:`build` (``adafilter build-kernels``) or :func:`ensure` (a CPU training run of a gated
