@@ -29,7 +29,7 @@ from PIL import Image
 
 import adafilter
 from adafilter.backbones import build_backbone
-from adafilter.inference import load
+from adafilter.deploy import load
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from adafilter.data.fashion_mnist import default_root, load_negatives, negative_mask
-from adafilter.inference import load
+from adafilter.deploy import load
 
 
 @torch.no_grad()

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from paths import stored_path
 
-from adafilter.engine import run_datasets
-from adafilter.inference import load
+from adafilter.deploy import load
+from adafilter.training.data import run_datasets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

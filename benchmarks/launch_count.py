@@ -87,7 +87,7 @@ def _count_triton_launches() -> None:
     CPU) so that each counts once and the ATen calls inside it not at all."""
     if kernels.triton is None:
         return
-    cls = type(kernels._plane_stats_kernel)
+    cls = type(kernels.bn_planes._plane_stats_kernel)
     run = cls.run
 
     def counted(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 import adafilter
-from adafilter.engine import run_datasets
 from adafilter.training.build import build_model
+from adafilter.training.data import run_datasets
 
 
 @torch.no_grad()

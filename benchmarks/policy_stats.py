@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import adafilter
-from adafilter.engine import run_datasets
+from adafilter.training.data import run_datasets
 from adafilter.training.telemetry import policy_diversity
 
 

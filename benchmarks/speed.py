@@ -470,8 +470,9 @@ def bench_eval_run(checkpoint: str, batch: int, reps: int, device: torch.device)
     evaluation images, against the plain backbone (same architecture and head) -- the
     policies are the ones that run learned."""
     from adafilter.checkpoint import load_checkpoint
-    from adafilter.engine import build_model, run_datasets
+    from adafilter.training.build import build_model
     from adafilter.training.config import TrainConfig
+    from adafilter.training.data import run_datasets
 
     ckpt = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(ckpt["config"], source=checkpoint)

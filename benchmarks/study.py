@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from paths import relativize_json_file, repo_relative
 
-from adafilter.engine import fit
 from adafilter.training.config import PRESETS, TrainConfig
+from adafilter.training.fit import fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_GATE = dict(PRESETS["paper"]["adafilter"])

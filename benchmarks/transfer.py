@@ -28,9 +28,9 @@ from pathlib import Path
 
 from paths import repo_relative
 
-from adafilter.engine import fit
 from adafilter.report import METHOD_ORDER, make_report
 from adafilter.training.config import TrainConfig
+from adafilter.training.fit import fit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The project's data and weights beside the repository, passed explicitly (never a package default).

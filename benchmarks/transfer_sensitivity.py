@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from paths import repo_relative
 
-from adafilter.engine import build_model, build_optimizer, build_param_groups
+from adafilter.training.build import build_model
 from adafilter.training.config import TrainConfig
+from adafilter.training.optim import build_optimizer, build_param_groups
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CIFAR20 = Path(__file__).resolve().parents[2] / "shared/weights/cifar10-resnet/resnet20-12fca82f.th"

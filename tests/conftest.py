@@ -11,7 +11,6 @@ are deselected there and run by ``make test-all``.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
@@ -19,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-# No test run starts a background build of the CPU gate kernel (test_cpu_gate.py checks the
-# start with a stand-in process, and the real build in the slow tier).
+# No CPU training run in the tests compiles the CPU kernels before its first step
+# (test_cpu_gate.py checks the build with a stand-in child; the ``built`` fixture builds once).
 if os.environ.get("ADAFILTER_CPU_GATE") != "0":
     os.environ["ADAFILTER_CPU_GATE"] = "prebuilt"
 
@@ -104,29 +103,32 @@ def server() -> Iterator[tuple[str, ServerState]]:
 
 
 def has_toolchain() -> bool:
-    """A C++ compiler and ninja: what building the compiled CPU code needs."""
-    return shutil.which("c++") is not None and shutil.which("ninja") is not None
+    """A C++ compiler and ninja (the venv's, found by absolute path): what building the
+    compiled CPU code needs."""
+    return cpu_gate.find_compiler() is not None and cpu_gate.find_ninja() is not None
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """The compiled CPU code (:mod:`adafilter.layers.cpu_gate`), built for the slow tests of
-    the module that asks for it, in a fresh cache, the way inference builds it: get() starts
-    the background build, and picks up its library."""
+@pytest.fixture(scope="session")
+def built(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[object]:
+    """The compiled CPU code (:mod:`adafilter.layers.cpu_gate`), built once per session with
+    ``build()`` (as ``adafilter build-kernels``) into pytest's cache directory, so a later run
+    of an unchanged source loads it in milliseconds (a fresh checkout builds it: ~35 s here).
+    Skips where no C++ compiler or ninja is found. Tests put it in use themselves
+    (``monkeypatch.setattr(cpu_gate, "_module", built)``); others keep the ATen step."""
     if not has_toolchain():
-        pytest.skip("needs a C++ compiler and ninja")
+        pytest.skip("needs a C++ compiler and ninja (pip install ninja)")
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    home = cache.mkdir("adafilter-kernels") if cache else tmp_path_factory.mktemp("kernels")
+    home.chmod(0o700)  # the kernel cache must be private (cpu_gate.cache_problem)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ADAFILTER_HOME", str(tmp_path_factory.mktemp("kernels")))
-        for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
-            mp.setattr(cpu_gate, name, value)
+        mp.setenv("ADAFILTER_HOME", str(home))
+        mp.setattr(cpu_gate, "_module", None)
+        mp.setattr(cpu_gate, "_looked", False)
         mp.setattr(cpu_gate, "ENABLED", True)
-        mp.setattr(cpu_gate, "AUTO_BUILD", True)
-        mp.setattr(cpu_gate, "LOOK_EVERY_S", 0.0)
-        with pytest.warns(UserWarning, match="in the background"):
-            assert cpu_gate.get() is None
-        builder = cpu_gate._builder
-        assert builder is not None
-        assert builder.wait(timeout=600) == 0, cpu_gate.build_directory() / "build.log"
+        if cpu_gate.get() is None:
+            cpu_gate.build()
         module = cpu_gate.get()
-        assert module is not None
-        yield module
+        assert module is not None and hasattr(module, "Layer")
+    yield module

@@ -16,6 +16,8 @@ import json
 import os
 import struct
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -296,3 +298,12 @@ def make_fashion(folder: Path, n_train: int = 40, n_test: int = 20, gz: bool = T
             else:
                 (folder / stem).write_bytes(data)
     return folder
+
+
+def run_in_threads(work: Callable[[int], None], n: int = 4) -> None:
+    """Run ``work(k)`` for k in 0..n-1 in ``n`` threads at once and wait for all of them."""
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

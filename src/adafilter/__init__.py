@@ -1,7 +1,5 @@
 """AdaFilter: adaptive filter fine-tuning for deep transfer learning (Guo et al., AAAI 2020)."""
 
-# inference, model: re-exports of deploy/ and tuner/ (``adafilter.inference.load`` still works)
-from . import inference, model  # noqa: F401
 from .deploy import LoadedRun, load
 from .errors import AdaFilterError, CheckpointError, DataError
 from .layers.gate import CNNGate, RecurrentGate, binarize

@@ -58,13 +58,15 @@ def get_rng_state() -> dict[str, Any]:
             "cached_gaussian": float(np_state[4]),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # only where this process already uses CUDA: reading it would create a CUDA context
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the states saved by :func:`get_rng_state` (CUDA only if the device count fits)."""
+    """Restore the states saved by :func:`get_rng_state` (CUDA only where this process already
+    uses CUDA and the device count fits: CPU work leaves CUDA alone)."""
     py = state["python"]
     random.setstate((int(py[0]), tuple(int(v) for v in py[1]), py[2]))
     n = state["numpy"]
@@ -79,7 +81,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+    if cuda and torch.cuda.is_initialized() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
 
 

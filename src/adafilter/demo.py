@@ -112,8 +112,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         AdaFilterError: Bad names, missing data or weights (one-line messages).
         KeyboardInterrupt: After printing which runs are complete and how to resume.
     """
-    from .engine import fit
     from .report import make_report
+    from .training.fit import fit
 
     out = Path(config.out)
     if not config.methods:
@@ -183,8 +183,8 @@ def _pretrained_weights(config: DemoConfig, out: Path) -> str | None:
     ``out/pretrain/pretrained.pt``; the methods then load it as their backbone weights (with a
     fresh classifier, as for any pretrained network).
     """
-    from .engine import fit
-    from .inference import export_run
+    from .deploy import export_run
+    from .training.fit import fit
 
     if not config.pretrain:
         return config.weights

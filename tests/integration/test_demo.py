@@ -66,7 +66,7 @@ def test_demo_interrupted_says_what_is_done_and_resumes(
     capsys,
     monkeypatch,
 ):
-    import adafilter.engine as engine
+    import adafilter.training.fit as engine
 
     real_fit = engine.fit
     calls = {"n": 0}

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,8 +18,8 @@ import torch
 from adafilter.checkpoint import get_rng_state, load_checkpoint, set_rng_state
 from adafilter.cli import build_parser, main, train_config_from_args
 from adafilter.data import UnreadableImageWarning
-from adafilter.engine import build_scheduler, group_lr
 from adafilter.methods import METHODS
+from adafilter.training.optim import build_scheduler, group_lr
 from helpers import make_imagefolder, read_jsonl, train_args
 
 # ---- schedule -------------------------------------------------------------------------------
@@ -234,31 +233,28 @@ def test_training_builds_the_cpu_code_first_and_nothing_beside_it(
 ) -> None:
     """A CPU run of a gated method compiles the CPU code in the foreground before training
     where it is missing (its gated BN passes speed training up; fine-tuning needs none), and
-    evaluation inside training starts no background build (it would skew the run's
-    throughput); the first inference afterwards does. Every CPU ``adafilter train`` run (any
-    method) keeps freed memory in the process for reuse first (glibc's thresholds,
+    nothing else builds it (nor does a lookup afterwards). Every CPU ``adafilter train`` run
+    (any method) keeps freed memory in the process for reuse first (glibc's thresholds,
     ``utils/allocator.py``; set by the CLI, not by ``fit``)."""
     from adafilter.cli import train as cli_train
     from adafilter.layers import cpu_gate
 
-    started: list[int] = []
     built: list[int] = []
     kept: list[int] = []
     monkeypatch.setattr(cli_train, "keep_freed_memory", lambda **kw: kept.append(1) or True)
     monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path / "home"))
-    for name, value in [("_module", None), ("_next_look", 0.0), ("_builder", None)]:
-        monkeypatch.setattr(cpu_gate, name, value)
+    monkeypatch.setattr(cpu_gate, "_module", None)
+    monkeypatch.setattr(cpu_gate, "_looked", False)
     monkeypatch.setattr(cpu_gate, "ENABLED", True)
     monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
-    monkeypatch.setattr(cpu_gate, "shutil", SimpleNamespace(which=lambda name: "/bin/" + name))
-    monkeypatch.setattr(cpu_gate, "_ninja", lambda: True)
+    monkeypatch.setattr(cpu_gate, "find_compiler", lambda: "/bin/c++")
+    monkeypatch.setattr(cpu_gate, "find_ninja", lambda: Path("/bin/ninja"))
     monkeypatch.setattr(cpu_gate, "build", lambda **kw: built.append(1))  # builds nothing
-    monkeypatch.setattr(cpu_gate, "_build_in_background", lambda: started.append(1) or True)
     out = tmp_path / "run"
     assert main(train_args(tiny["data"], out, method, "--epochs", "1", "--quiet")) == 0
-    assert built == ([1] if method == "adafilter" else []) and not started and kept == [1]
-    monkeypatch.setattr(cpu_gate, "_next_look", 0.0)
-    assert cpu_gate.get() is None and started == [1]
+    assert built == ([1] if method == "adafilter" else []) and kept == [1]
+    monkeypatch.setattr(cpu_gate, "_looked", False)
+    assert cpu_gate.get() is None and built == ([1] if method == "adafilter" else [])
 
 
 @pytest.mark.parametrize("method", ["random-policy", "l2sp"])

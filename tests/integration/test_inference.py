@@ -20,7 +20,7 @@ from adafilter.checkpoint import save_checkpoint
 from adafilter.cli import main
 from adafilter.errors import CheckpointError
 from adafilter.layers.gated_conv import GatedConv2dBN
-from helpers import one_line_error, train_args
+from helpers import one_line_error, run_in_threads, train_args
 
 CLASSES = ["cat", "dog"]
 
@@ -115,6 +115,103 @@ def test_predict_runs_the_batch1_fast_path(
     torch.testing.assert_close(logits.softmax(1)[0].max().item(), pred.top_k[0][1])
 
 
+def test_predict_is_thread_safe(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads predicting at once on one LoadedRun each get their own image's prediction
+    and policy (the policy comes back with the forward, not from the model's last state)."""
+    run = adafilter.load(runs["mixed"])
+    with torch.no_grad():  # policies that depend on the image
+        for head in run.model.gate.heads:
+            head.weight.mul_(30)
+            head.bias.zero_()
+    images = [Image.open(p).convert("RGB") for p, _ in val_images(runs["data"])]
+    want = [run.predict(img, top_k=2) for img in images]
+    assert len({tuple(w.policy.values()) for w in want}) > 1  # images differ in policy
+    # another forward landing between a call's forward and its policy read changes nothing
+    real = adafilter.AdaFilterModel.forward_with_policies
+    other = run.transform(images[-1])[None]
+
+    def interleaved(self: adafilter.AdaFilterModel, x: torch.Tensor) -> object:
+        out = real(self, x)
+        real(self, other)  # as another thread would
+        return out
+
+    with monkeypatch.context() as mp:
+        mp.setattr(adafilter.AdaFilterModel, "forward_with_policies", interleaved)
+        assert run.predict(images[0], top_k=2).policy == want[0].policy != want[-1].policy
+    wrong: list[int] = []
+
+    def work(k: int) -> None:
+        for r in range(3 * len(images)):
+            i = (k + r) % len(images)
+            got = run.predict(images[i], top_k=2)
+            if got.policy != want[i].policy or got.indices != want[i].indices:
+                wrong.append(i)
+
+    run_in_threads(work)
+    assert not wrong
+
+
+def test_predict_keeps_the_merged_filters_across_calls(runs: dict[str, Path]) -> None:
+    """The batch-1 merged filter banks made by the first call serve the next calls (only the
+    filters whose decision changed are recopied); a model left training is put in eval."""
+    run = adafilter.load(runs["mixed"])
+    layers = list(run.model.gated_layers().values())
+    paths = [p for p, _ in val_images(runs["data"])]
+    run.predict(paths[0])
+    banks = [layer._merged for layer in layers]
+    assert all(b is not None for b in banks)
+    run.predict(paths[1])
+    list(run.predict_files(paths[2:4]))
+    assert all(layer._merged is b for layer, b in zip(layers, banks, strict=True))  # kept
+    run.model.train()
+    run.predict(paths[0])
+    assert not run.model.training
+    assert not any(layer._merged is b for layer, b in zip(layers, banks, strict=True))
+
+
+def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA present but unused by this process: any read or write of its RNG state, or its
+    initialisation, fails the test."""
+
+    def touched(*args: object, **kwargs: object) -> None:
+        pytest.fail("CPU work touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    for name in ("get_rng_state_all", "set_rng_state_all", "get_rng_state", "set_rng_state"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", touched)
+    monkeypatch.setattr(torch.cuda, "init", touched)
+
+
+def test_cpu_checkpoints_and_load_leave_cuda_alone(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA machine doing CPU work: the RNG state saved with a checkpoint, its restore,
+    ``adafilter.load(..., device="cpu")`` and a prediction never read or write CUDA's RNG
+    (that would create a CUDA context); a process already using CUDA keeps its state."""
+    from adafilter.checkpoint import get_rng_state, load_checkpoint, set_rng_state
+
+    _no_cuda(monkeypatch)
+    state = get_rng_state()
+    assert state["cuda"] == []
+    save_checkpoint(tmp_path / "c.pt", {"rng": state})
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]})  # saved on a GPU
+    run = adafilter.load(runs["adafilter"], device="cpu")
+    run.predict(val_images(runs["data"])[0][0])
+    cuda_state = [torch.arange(16, dtype=torch.uint8)]
+    restored: list[object] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = get_rng_state()
+    assert state["cuda"] is cuda_state
+    set_rng_state(state)
+    assert restored == [cuda_state]
+
+
 # ---- predict -------------------------------------------------------------------------------
 
 
@@ -201,8 +298,8 @@ def test_export_format_safetensors_needs_the_package(
 ) -> None:
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(adafilter.AdaFilterError, match="pip install safetensors"):
-        adafilter.inference.export_run(runs["finetune"], tmp_path / "m.st", format="safetensors")
-    meta = adafilter.inference.export_run(runs["finetune"], tmp_path / "m.st")  # auto -> torch
+        adafilter.deploy.export_run(runs["finetune"], tmp_path / "m.st", format="safetensors")
+    meta = adafilter.deploy.export_run(runs["finetune"], tmp_path / "m.st")  # auto -> torch
     assert meta["weights_format"] == "torch" and adafilter.load(tmp_path / "m.st").kind == "export"
 
 

@@ -1,17 +1,18 @@
 """The compiled CPU gate (``layers/cpu_gate.py``) against the ATen eval step it replaces.
 
-Building needs a C++ compiler and ninja and takes about a minute on a fresh machine (slow
-tier). The default tier checks the fallback (nothing built, or an unloadable build: the ATen
-step, with a warning for the latter) and the batch-1 fused layer's plumbing with
-:func:`_reference_module`, the kernel's contract written in ATen; the slow tier runs the same
-checks with the built kernel.
+Building needs a C++ compiler and ninja and takes about a minute on a fresh machine; the
+``built`` fixture builds it once per session (kept in pytest's cache between runs) and skips
+where the toolchain is missing. The fallback (nothing built, an unloadable or untrusted build:
+the ATen step), the build's plumbing (a stand-in child) and the batch-1 fused layer's plumbing
+with :func:`_reference_module` (the kernel's contract written in ATen) need no toolchain; the
+same checks then run with the built kernel.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import threading
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,19 +29,18 @@ from adafilter.layers import cpu_gate
 from adafilter.layers.gate import RecurrentGate
 from adafilter.layers.gated_conv import GatedConv2dBN, policy_source
 from adafilter.tuner.policies import ForwardPolicies
-from helpers import mix_policies, perturb_bn
+from helpers import mix_policies, perturb_bn, run_in_threads
 
 
 @pytest.fixture()
 def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """An empty kernel cache and no loaded kernel; restored afterwards."""
-    monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path))
+    monkeypatch.setenv("ADAFILTER_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(cpu_gate, "_module", None)
-    monkeypatch.setattr(cpu_gate, "_next_look", 0.0)
-    monkeypatch.setattr(cpu_gate, "_builder", None)
+    monkeypatch.setattr(cpu_gate, "_looked", False)
     monkeypatch.setattr(cpu_gate, "ENABLED", True)
     monkeypatch.setattr(cpu_gate, "AUTO_BUILD", False)
-    return tmp_path
+    return tmp_path / "home"
 
 
 def test_not_built_means_the_aten_step(fresh: Path) -> None:
@@ -57,6 +57,9 @@ def test_unloadable_build_warns_and_falls_back(fresh: Path) -> None:
     lib.write_bytes(b"not a shared library")
     with pytest.warns(UserWarning, match="adafilter build-kernels"):
         assert cpu_gate.get() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_gate.get() is None  # said once
 
 
 def _gate_outputs(gate: RecurrentGate, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -69,105 +72,118 @@ def _gate_outputs(gate: RecurrentGate, xs: list[torch.Tensor]) -> list[torch.Ten
 
 
 class _FakeBuild:
-    """Stands in for the background ``adafilter build-kernels`` process."""
+    """Stands in for the foreground build's child Python: records its command and
+    environment, and writes the library (or fails)."""
 
-    started: list[list[str]] = []
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[list[str], dict[str, str]]] = []
+        self.fail = fail
+        self.lock_seen: list[bool] = []
 
-    def __init__(self, args: list[str], **kwargs: object) -> None:
-        _FakeBuild.started.append(args)
-        self.running = True
-
-    def poll(self) -> int | None:
-        return None if self.running else 0
-
-
-def _toolchain(monkeypatch: pytest.MonkeyPatch, present: bool) -> None:
-    import torch.utils.cpp_extension as ext
-
-    which = SimpleNamespace(which=lambda name: "/usr/bin/c++" if present else None)
-    monkeypatch.setattr(cpu_gate, "shutil", which)
-    monkeypatch.setattr(ext, "is_ninja_available", lambda: present)
-    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))  # _ninja() may prepend to it
-    fake = SimpleNamespace(Popen=_FakeBuild, DEVNULL=subprocess.DEVNULL, STDOUT=subprocess.STDOUT)
-    monkeypatch.setattr(cpu_gate, "subprocess", fake)  # this module's Popen only
-    _FakeBuild.started.clear()
+    def run(self, args: list[str], *, env: dict[str, str], **kwargs: object) -> object:
+        self.calls.append((args, env))
+        self.lock_seen.append((cpu_gate.build_directory() / "lock").exists())
+        if self.fail:
+            return subprocess.CompletedProcess(args, 1, "x.cpp:1: fatal error: Python.h\n")
+        cpu_gate._library().write_bytes(b"built")
+        return subprocess.CompletedProcess(args, 0, "")
 
 
-def test_missing_kernel_is_built_in_the_background(
+def _toolchain(monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -> _FakeBuild:
+    """A compiler and the venv's ninja are "present"; builds run :class:`_FakeBuild`."""
+    fake = _FakeBuild(fail)
+    ninja = Path("/venv/bin/ninja")
+    monkeypatch.setattr(cpu_gate, "find_ninja", lambda: ninja)
+    monkeypatch.setattr(cpu_gate, "find_compiler", lambda: "/usr/bin/c++")
+    stand_in = SimpleNamespace(
+        run=fake.run, DEVNULL=subprocess.DEVNULL, PIPE=subprocess.PIPE, STDOUT=subprocess.STDOUT
+    )
+    monkeypatch.setattr(cpu_gate, "subprocess", stand_in)  # this module's subprocess only
+    monkeypatch.setattr(cpu_gate, "_import", lambda path: SimpleNamespace(path=path))
+    return fake
+
+
+def test_a_forward_builds_nothing_and_starts_no_process(
     fresh: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One detached build per process, announced once; its library is picked up once it
-    appears (looked for every LOOK_EVERY_S seconds, not on every step)."""
+    """Builds allowed and a toolchain present, nothing built: a batch-1 eval forward (the
+    first CPU eval outside training, where a background build used to start) runs the ATen
+    step, starts nothing, says nothing and leaves the environment as it was."""
     monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
-    _toolchain(monkeypatch, present=True)
-    clock = [100.0]
-    monkeypatch.setattr(cpu_gate.time, "monotonic", lambda: clock[0])
-    with pytest.warns(UserWarning, match="in the background") as record:
-        assert cpu_gate.get() is None
-        assert cpu_gate.get() is None  # too soon to look again; no second build
-    assert len(record) == 1
-    assert len(_FakeBuild.started) == 1 and "build-kernels" in _FakeBuild.started[0][-1]
-    lib = cpu_gate._library()
-    lib.write_bytes(b"built")
-    sentinel = SimpleNamespace()
-    monkeypatch.setattr(cpu_gate, "_import", lambda path: sentinel)
-    assert cpu_gate.get() is None  # still within LOOK_EVERY_S
-    clock[0] += cpu_gate.LOOK_EVERY_S
-    assert cpu_gate.get() is sentinel
-    assert len(_FakeBuild.started) == 1
-
-
-@pytest.mark.parametrize("case", ["prebuilt", "no-toolchain", "build-failed"])
-def test_no_background_build(case: str, fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``ADAFILTER_CPU_GATE=prebuilt`` or no compiler: nothing starts, nothing is said, and
-    the library is not looked for again; a build that ended without one: no more looking."""
-    monkeypatch.setattr(cpu_gate, "AUTO_BUILD", case != "prebuilt")
-    _toolchain(monkeypatch, present=case != "no-toolchain")
-    clock = [100.0]
-    monkeypatch.setattr(cpu_gate.time, "monotonic", lambda: clock[0])
-    if case == "build-failed":
-        with pytest.warns(UserWarning, match="in the background"):
-            assert cpu_gate.get() is None
-        cpu_gate._builder.running = False  # exited; no library
-        clock[0] += cpu_gate.LOOK_EVERY_S
-    assert cpu_gate.get() is None
-    looks = []
-    monkeypatch.setattr(cpu_gate, "_library", lambda: looks.append(1) or fresh / "none.so")
-    clock[0] += 10 * cpu_gate.LOOK_EVERY_S
-    with warnings.catch_warnings():
+    fake = _toolchain(monkeypatch)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("started a process"))
+    environ = dict(os.environ)
+    model = wrap(torchvision.models.resnet18(num_classes=5)).eval()
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error")
-        assert cpu_gate.get() is None
-    assert not looks
-    assert len(_FakeBuild.started) == (1 if case == "build-failed" else 0)
+        model(torch.randn(1, 3, 32, 32))
+        model(torch.randn(1, 3, 32, 32))
+    assert not fake.calls and cpu_gate.get() is None
+    assert not cpu_gate.build_directory().exists() and dict(os.environ) == environ
 
 
-def test_no_build_starts_while_paused(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Training pauses builds (it wraps its run in builds_paused()); the first look after
-    the pause starts it."""
-    monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
-    _toolchain(monkeypatch, present=True)
-    clock = [100.0]
-    monkeypatch.setattr(cpu_gate.time, "monotonic", lambda: clock[0])
-    with warnings.catch_warnings(), cpu_gate.builds_paused():
-        warnings.simplefilter("error")
+def test_build_runs_in_the_foreground_with_the_venvs_ninja(
+    fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build() drives torch's builder in a waited-for child whose PATH starts with ninja's
+    directory; this process's PATH is not changed; the library is loaded at once and the
+    cache is private (no group/other write bits even under umask 002)."""
+    fake = _toolchain(monkeypatch)
+    path = os.environ.get("PATH", "")
+    old = os.umask(0o002)
+    try:
+        lib = cpu_gate.build()
+    finally:
+        os.umask(old)
+    [(args, env)] = fake.calls
+    assert env["PATH"].split(os.pathsep)[0] == "/venv/bin" and os.environ.get("PATH", "") == path
+    assert args[0] == sys.executable and str(cpu_gate.SOURCE_FILE) in args
+    assert cpu_gate.get().path == lib  # type: ignore[union-attr]
+    for p in (fresh, lib.parent.parent, lib.parent, lib):
+        assert p.stat().st_mode & 0o022 == 0, p
+    assert cpu_gate.cache_problem() is None
+
+
+def test_the_venvs_ninja_is_found_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """pip puts ninja beside the venv's python, which need not be on PATH."""
+    (tmp_path / "ninja").write_text("#!/bin/sh\n")
+    (tmp_path / "ninja").chmod(0o755)
+    monkeypatch.setattr(cpu_gate.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert cpu_gate.find_ninja() == tmp_path / "ninja"
+    (tmp_path / "ninja").unlink()
+    assert cpu_gate.find_ninja() is None
+
+
+def test_the_sources_ship_as_cpp() -> None:
+    assert cpu_gate.SOURCE_FILE.suffix == ".cpp" and cpu_gate.SOURCE_FILE.is_file()
+    assert "PYBIND11_MODULE" in cpu_gate.SOURCE_FILE.read_text()
+
+
+@pytest.mark.parametrize("where", ["kernels", "library"])
+def test_a_writable_kernel_cache_is_refused(
+    where: str, fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group- or world-writable cache would run anyone's code: get() warns once and keeps
+    the ATen step; build() refuses."""
+    _toolchain(monkeypatch)
+    lib = cpu_gate.build()
+    monkeypatch.setattr(cpu_gate, "_module", None)
+    monkeypatch.setattr(cpu_gate, "_looked", False)
+    target = lib if where == "library" else lib.parent.parent
+    target.chmod(target.stat().st_mode | 0o002)
+    with pytest.warns(UserWarning, match="world-writable") as record:
         assert cpu_gate.get() is None
-        clock[0] += cpu_gate.LOOK_EVERY_S
         assert cpu_gate.get() is None
-    assert not _FakeBuild.started
-    clock[0] += cpu_gate.LOOK_EVERY_S
-    with pytest.warns(UserWarning, match="in the background"):
-        assert cpu_gate.get() is None
-    assert len(_FakeBuild.started) == 1
+    assert len(record) == 1 and str(target) in str(record[0].message)
+    with pytest.raises(RuntimeError, match="refusing"):
+        cpu_gate.build()
 
 
 def test_a_stale_build_lock_is_removed(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's build waits for ever on a lock a killed build left; one older than
     STALE_LOCK_S is removed first, a fresh one (a build running now) is kept."""
-    import torch.utils.cpp_extension as ext
-
-    seen = []
-    monkeypatch.setattr(ext, "load_inline", lambda **kw: seen.append(lock.exists()))
-    monkeypatch.setenv("PATH", os.environ.get("PATH", ""))  # _ninja() may prepend to it
+    fake = _toolchain(monkeypatch)
     lock = cpu_gate.build_directory() / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
@@ -175,11 +191,13 @@ def test_a_stale_build_lock_is_removed(fresh: Path, monkeypatch: pytest.MonkeyPa
     old = time.time() - cpu_gate.STALE_LOCK_S - 1
     os.utime(lock, (old, old))
     cpu_gate.build()
-    assert seen == [True, False]
+    assert fake.lock_seen == [True, False]
 
 
-@pytest.mark.slow  # compiles the kernel (~1 min on a fresh machine)
 def test_built_kernel_equals_the_aten_step(built: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real C++ step (built once per session) against the ATen step."""
+    monkeypatch.setattr(cpu_gate, "_module", built)
+    monkeypatch.setattr(cpu_gate, "ENABLED", True)
     assert cpu_gate.get() is built
     # layer 0 folds the embedding into the input map, layer 1 keeps it (wide input)
     gate = RecurrentGate([8, 300, 12], [16, 12, 40], embed_dim=6, hidden_dim=5).eval()
@@ -479,11 +497,7 @@ def _check_threads_share_banks_safely() -> None:
                 if not torch.allclose(model(xs[i]), want[i], rtol=1e-4, atol=1e-4):
                     wrong.append(i)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work)
     assert not wrong
 
 
@@ -500,9 +514,13 @@ def test_concurrent_batch1_forwards(
     assert bool(compiled_runs) == (path == "compiled")
 
 
-@pytest.mark.slow  # compiles the kernel (~1 min on a fresh machine, once per module)
 @pytest.mark.parametrize("name", list(_MODELS))
-def test_built_compiled_layers(name: str, built: object, compiled_runs: list[int]) -> None:
+def test_built_compiled_layers(
+    name: str, built: object, compiled_runs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real C++ batch-1 layer (built once per session): the checks above."""
+    monkeypatch.setattr(cpu_gate, "_module", built)
+    monkeypatch.setattr(cpu_gate, "ENABLED", True)
     assert cpu_gate.get() is built
     _check_compiled_layers(name, compiled_runs)
     _check_bound_layers_follow_changes(name, compiled_runs)
@@ -516,21 +534,12 @@ def test_a_failed_foreground_build_is_not_retried_before_training(
     """ensure() builds in the foreground once; a failure warns, is recorded and is not tried
     again by the next ensure() (every training run would wait for it); a build that succeeds
     (``adafilter build-kernels``) clears the record."""
-    import torch.utils.cpp_extension as ext
-
-    _toolchain(monkeypatch, True)
+    fake = _toolchain(monkeypatch, fail=True)
     monkeypatch.setattr(cpu_gate, "AUTO_BUILD", True)
-    tries: list[int] = []
-
-    def failing(**kw: object) -> None:
-        tries.append(1)
-        raise OSError("no Python.h")
-
-    monkeypatch.setattr(ext, "load_inline", failing)
-    with pytest.warns(RuntimeWarning, match="no Python.h"):
+    with pytest.warns(RuntimeWarning, match="Python.h"):
         assert cpu_gate.ensure() is None
-    assert cpu_gate.failed_marker().is_file() and tries == [1]
-    assert cpu_gate.ensure() is None and tries == [1]  # not again
-    monkeypatch.setattr(ext, "load_inline", lambda **kw: SimpleNamespace())
+    assert cpu_gate.failed_marker().is_file() and len(fake.calls) == 1
+    assert cpu_gate.ensure() is None and len(fake.calls) == 1  # not again
+    fake.fail = False
     cpu_gate.build()
     assert not cpu_gate.failed_marker().exists()

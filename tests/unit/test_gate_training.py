@@ -14,7 +14,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import adafilter
 import adafilter.layers.gate as gate_module
 import adafilter.tuner.policies as policies_module
-from adafilter.engine import build_scheduler
 from adafilter.training.config import TrainConfig
 from adafilter.training.known_policy import (
     TARGET_IMAGES,
@@ -23,7 +22,7 @@ from adafilter.training.known_policy import (
     routing_agreement,
     tiny_net,
 )
-from adafilter.training.optim import HybridOptimizer, build_optimizer
+from adafilter.training.optim import HybridOptimizer, build_optimizer, build_scheduler
 from adafilter.training.telemetry import policy_diversity
 
 

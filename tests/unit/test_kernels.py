@@ -1,4 +1,4 @@
-"""Triton kernels (layers/kernels.py) -- the gated BN forward and backward, the gate's eval
+"""Triton kernels (layers/kernels/) -- the gated BN forward and backward, the gate's eval
 step -- against the eager paths they replace on CUDA.
 
 On CPU they run through Triton's interpreter (``TRITON_INTERPRET=1``, which must be set before
@@ -10,6 +10,7 @@ a CUDA machine the same comparison runs on the GPU. Tolerance: ``atol=1e-5, rtol
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import inspect
 import os
@@ -221,6 +222,37 @@ def _compare_model_step(device: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def compare_small(device: str) -> None:
+    """One gated BN training step (degenerate, whole-branch and mixed channels), kernels on
+    vs off: output, every gradient and the running statistics; the kernels must have run."""
+    assert kernels.available(torch.zeros(1, device=device)), "kernels not used"
+    ran: list[str] = []
+    real = kernels.select_affine
+    kernels.select_affine = lambda *a, **k: ran.append("select_affine") or real(*a, **k)
+    out_k, rest_k = _run(device, True, "mixed", 0.1)
+    kernels.select_affine = real
+    kernels.ENABLED = False
+    out_e, rest_e = _run(device, True, "mixed", 0.1)
+    kernels.ENABLED = True
+    assert ran, "the Triton passes did not run"
+    torch.testing.assert_close(out_k, out_e, atol=1e-5, rtol=1e-4)
+    assert len(rest_k) == len(rest_e)
+    for a, b in zip(rest_k, rest_e, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    print("equal to eager")
+
+
+def _kernel_names() -> set[str]:
+    """Every Triton kernel (``*_kernel``) of the kernels package's modules."""
+    import pkgutil
+
+    mods = [
+        importlib.import_module(f"{kernels.__name__}.{m.name}")
+        for m in pkgutil.iter_modules(kernels.__path__)
+    ]
+    return {n for m in mods for n in dir(m) if n.endswith("_kernel")}
+
+
 def _in_subprocess(call: str, **env: str) -> str:
     """Run ``test_kernels.<call>`` in a fresh interpreter with ``env`` (Triton reads its mode
     at import); its stdout. The interpreter mode skips where it cannot be imported."""
@@ -236,6 +268,12 @@ def _in_subprocess(call: str, **env: str) -> str:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_a_gated_bn_step_matches_eager_under_triton_interpreter() -> None:
+    """The default tier's Triton case (seconds): one gated BN step against eager."""
+    assert "equal to eager" in _in_subprocess("compare_small('cpu')", TRITON_INTERPRET="1")
 
 
 @pytest.mark.slow  # the interpreter runs each program in Python (~30 s of CPU here)
@@ -339,7 +377,7 @@ def program_order_check() -> None:
     for order in ("reversed", "shuffled"):
         with _ProgramOrder(order) as patch:
             got = _kernel_outputs()
-        names = {n for n in dir(kernels) if n.endswith("_kernel")}
+        names = _kernel_names()
         assert patch.kernels_moved == names, (order, names - patch.kernels_moved)
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             assert torch.equal(a, b), (order, i, (a - b).abs().max().item())
@@ -437,7 +475,7 @@ def compile_for_cuda(capabilities: tuple[int, ...]) -> None:
 
     launches = _recorded_launches()
     names = {k.fn.__name__ for k, _, _ in launches}
-    assert names == {n for n in dir(kernels) if n.endswith("_kernel")}, names  # every kernel
+    assert names == _kernel_names(), names  # every kernel
     for cap in capabilities:
         for kernel, sig, constexprs in launches:
             src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)

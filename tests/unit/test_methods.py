@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from adafilter.engine import build_optimizer, build_param_groups, train_one_epoch
 from adafilter.methods import (
     METHODS,
     L2SPRegularizer,
@@ -16,6 +15,8 @@ from adafilter.methods import (
     conv_execution_order,
     trainable_per_example,
 )
+from adafilter.training.loop import train_one_epoch
+from adafilter.training.optim import build_optimizer, build_param_groups
 
 EXPECTED = {
     "adafilter",

@@ -385,22 +385,32 @@ def test_param_groups_and_counts():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert set(ids) == trainable
     counts = model.parameter_counts()
-    assert counts["total"] == counts["trainable"] + counts["frozen"]
+    layers = model.gated_layers().values()
+    # counted independently of parameter_counts(): frozen = every S conv, nothing else
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == sum(p.numel() for m in layers for p in m.conv_s.parameters()) > 0
+    assert counts["frozen"] == frozen
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["gate"] == sum(p.numel() for p in model.gate.parameters()) > 0
 
 
 def test_resnet50_parameter_ratio(capsys):
-    """The paper: AdaFilter has 2.2x the parameters of ResNet-50 (printed for the README)."""
+    """The paper: AdaFilter has 2.2x the parameters of ResNet-50; the README's exact counts
+    (printed here): the plain network, one F copy of every gated conv and BN, the gate."""
     torch.manual_seed(0)
     plain = sum(p.numel() for p in torchvision.models.resnet50().parameters())
     model = wrap(torchvision.models.resnet50())
     counts = model.parameter_counts()
+    layers = model.gated_layers().values()
+    copies = sum(p.numel() for m in layers for p in [*m.conv_f.parameters(), *m.bn_f.parameters()])
     ratio = counts["total"] / plain
     with capsys.disabled():
         print(
             f"\n[param-ratio] resnet50 plain={plain:,} adafilter={counts['total']:,} "
             f"(gate {counts['gate']:,}) ratio={ratio:.2f}x"
         )
-    assert 1.9 < ratio < 2.6
+    assert counts["total"] == plain + copies + counts["gate"]
+    assert (plain, counts["total"], counts["gate"]) == (25_557_032, 52_270_120, 3_205_056)
 
 
 @pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
@@ -447,3 +457,20 @@ def test_bad_config_values_raise_value_error():
         AdaFilterConfig(random_p=2.0)
     with pytest.raises(ValueError, match="no Conv2d"):
         wrap(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+
+
+def test_wrap_leaves_module_modes_as_it_found_them():
+    """Tracing runs the model in eval, then puts every module back in its own mode: a
+    submodule the user put in eval (a frozen BN, a head) stays in eval, the rest in train."""
+    base = _build("resnet18")
+    base.train()
+    base.layer1[0].bn1.eval()  # frozen BN; becomes the gated layer's bn_s
+    base.layer2.eval()
+    base.fc.eval()
+    modes = {m: m.training for m in base.modules()}
+    assert sum(modes.values()) and not all(modes.values())
+    model = wrap(base)
+    assert {m: m.training for m in modes} == modes  # every original module, as it was
+    gated = model.gated_layers()["layer1.0.conv1"]
+    assert not gated.bn_s.training and not gated.bn_f.training  # the frozen BN and its copy
+    assert model.model is base

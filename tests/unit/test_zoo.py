@@ -33,7 +33,7 @@ from torchvision.models import resnet as tv_resnet
 from torchvision.models import vgg as tv_vgg
 
 from adafilter import AdaFilterConfig, wrap
-from adafilter.model import NormActTail, plan_gating
+from adafilter.tuner import NormActTail, plan_gating
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 needs_timm = pytest.mark.skipif(not HAS_TIMM, reason="timm not installed (adafilter[timm])")

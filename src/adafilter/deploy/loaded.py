@@ -113,11 +113,8 @@ class LoadedRun:
             AdaFilterError: The file cannot be read as an image.
         """
         if not isinstance(image, (str, os.PathLike)):
-            self.model.eval()
-            try:
-                return self._predict_image(image, top_k)
-            finally:
-                self.model.eval()  # see predict_files
+            self._ensure_eval()
+            return self._predict_image(image, top_k)
         [result] = list(self.predict_files([image], top_k=top_k))
         if result.prediction is None:
             raise AdaFilterError(f"cannot read image {str(image)!r}: {result.error}")
@@ -130,24 +127,27 @@ class LoadedRun:
 
         Each image runs alone (batch 1) under ``torch.inference_mode()``: the fast path that
         merges each gated layer's two filter banks once and only recopies the filters whose
-        decision changed since the previous image.
+        decision changed since the previous image (or the previous call: the merged filters
+        are kept). Calls from several threads at once are safe: each returns its own image's
+        policy.
         """
         from ..data.base import FileSource, UnreadableImageError
 
         source = FileSource()
-        self.model.eval()
-        try:
-            for p in paths:
-                path = Path(p)
-                try:
-                    img = source.open(path)
-                except UnreadableImageError as e:
-                    yield FileResult(path, None, _unreadable(e.cause))
-                    continue
-                yield FileResult(path, self._predict_image(img, top_k))
-        finally:
-            # The batch-1 merge cache now holds inference tensors, which a later forward
-            # outside inference mode could not update in place; eval() drops it.
+        self._ensure_eval()
+        for p in paths:
+            path = Path(p)
+            try:
+                img = source.open(path)
+            except UnreadableImageError as e:
+                yield FileResult(path, None, _unreadable(e.cause))
+                continue
+            yield FileResult(path, self._predict_image(img, top_k))
+
+    def _ensure_eval(self) -> None:
+        """Eval mode, switched only where the caller left the model training: ``eval()``
+        drops every cache (the merged filters), so a call in eval mode keeps them."""
+        if any(m.training for m in self.model.modules()):
             self.model.eval()
 
     def _predict_image(self, img: Image.Image, top_k: int) -> Prediction:
@@ -155,12 +155,15 @@ class LoadedRun:
             raise AdaFilterError(f"top_k must be >= 1, got {top_k}")
         x = self.transform(img).unsqueeze(0).to(self.device)  # (1, 3, R, R)
         with torch.inference_mode():
-            probs = self.model(x).float().softmax(1)[0]  # (num_classes,)
-            p, idx = probs.topk(min(top_k, probs.numel()))
             policy = None
-            if self.has_policies:
-                pol = self.model.policies  # {layer: bool (1, C_out)}
+            if isinstance(self.model, AdaFilterModel):
+                # this call's own decisions: model.policies may be another thread's by now
+                logits, pol = self.model.forward_with_policies(x)  # pol: {layer: (1, C_out)}
                 policy = {name: float(pol[name].float().mean()) for name in self.gated_layers}
+            else:
+                logits = self.model(x)
+            probs = logits.float().softmax(1)[0]  # (num_classes,)
+            p, idx = probs.topk(min(top_k, probs.numel()))
         indices = [int(i) for i in idx.tolist()]
         top = [(self.class_names[i], float(v)) for i, v in zip(indices, p.tolist(), strict=True)]
         return Prediction(top_k=top, indices=indices, policy=policy)

@@ -452,7 +452,7 @@ def _passes(xf: Tensor, xs: Tensor, capturable: bool) -> Any:
         return None
     if not xf.dtype == xs.dtype == torch.float32:
         return None
-    module = cpu_gate.get(build=False)  # a forward starts no build (training never beside one)
+    module = cpu_gate.get()  # where built; a forward never builds
     return cpu_gate.Passes(module) if module is not None and hasattr(module, "bn_coeffs") else None
 
 

@@ -68,7 +68,8 @@ class AdaFilterMethod(Method):
         options: dict[str, Any],
         gate_network: Callable[[], tuple[nn.Module, int]] | None = None,
     ) -> Prepared:
-        from .. import AdaFilterConfig, wrap
+        from ..tuner import wrap
+        from ..tuner.config import AdaFilterConfig
 
         values = {**dict(options.get("adafilter") or {}), **self.overrides}
         if "random_p" in options:  # else AdaFilterConfig's default

@@ -138,6 +138,14 @@ class AdaFilterModel(nn.Module):
         self.policy_mode = mode
 
     def forward(self, x: Tensor) -> Any:
+        return self.forward_with_policies(x)[0]
+
+    def forward_with_policies(self, x: Tensor) -> tuple[Any, dict[str, Tensor]]:
+        """The forward and this call's own decisions ``{conv name: bool (B, C_out)}``.
+
+        Unlike :attr:`policies` (the last forward of any thread), the decisions come from
+        this call's policy source: right when threads share the model (a server).
+        """
         runtime = ForwardPolicies(self, x)
         with policy_source(runtime):
             out = self.model(x)  # (B, num_classes)
@@ -146,7 +154,10 @@ class AdaFilterModel(nn.Module):
         self._f_share = None
         if runtime.f_sum is not None and self.config.policy_cost > 0:
             self._f_share = runtime.f_sum / runtime.f_count
-        return out
+        return out, self._named(runtime.decisions)
+
+    def _named(self, decisions: dict[int, Tensor]) -> dict[str, Tensor]:
+        return {self.gated_layer_names[i]: g > 0.5 for i, g in decisions.items()}
 
     def policy_loss(self) -> Tensor:
         """``config.policy_cost`` x the last training forward's share of fine-tuned filters.
@@ -188,7 +199,7 @@ class AdaFilterModel(nn.Module):
     @property
     def policies(self) -> dict[str, Tensor]:
         """The last forward's decisions: ``{conv name: bool (B, C_out)}``, True = F."""
-        return {self.gated_layer_names[i]: g > 0.5 for i, g in self._decisions.items()}
+        return self._named(self._decisions)
 
     def param_groups(
         self, *, lr: float = 0.01, gate_lr: float = 0.1, weight_decay: float = 0.0

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..layers import cpu_gate
 from ..layers.capture import is_compiling
+from ..layers.cpu_gate import LayerStep
 from ..layers.gate import CNNGate, RecurrentGate, binarize
+from .config import AdaFilterConfig
 
-if TYPE_CHECKING:
-    from ..layers.cpu_gate import LayerStep
-    from .model import AdaFilterModel
+__all__ = ["ForwardPolicies", "PolicyOwner"]
 
-__all__ = ["ForwardPolicies"]
+
+class PolicyOwner(Protocol):
+    """What a forward's policies read from their model (:class:`~.model.AdaFilterModel`)."""
+
+    config: AdaFilterConfig
+    gate: nn.Module
+    training: bool
+    policy_mode: str
+    random_p: float
+    layer_out_channels: list[int]
+    _generator: torch.Generator
 
 
 class ForwardPolicies:
@@ -25,7 +35,7 @@ class ForwardPolicies:
     :func:`~adafilter.layers.gated_conv.policy_source`), in execution order.
     """
 
-    def __init__(self, owner: AdaFilterModel, image: Tensor, *, keep_logits: bool = False) -> None:
+    def __init__(self, owner: PolicyOwner, image: Tensor, *, keep_logits: bool = False) -> None:
         self.owner = owner
         self.state: tuple[Tensor, Tensor] | None = None
         self.decisions: dict[int, Tensor] = {}

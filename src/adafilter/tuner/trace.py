@@ -100,13 +100,14 @@ def trace_convs(model: nn.Module, example_input: Tensor, skip_prefix: str | None
     if x.is_floating_point() and not torch.is_inference_mode_enabled():
         # every conv output then has an autograd node; a non-leaf copy, so in-place ops work
         x = x.clone().requires_grad_(True).clone()
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each as the user left it
     try:
         model.eval()
         with torch.enable_grad():
             out = model(x)
     finally:
-        model.train(was_training)
+        for m, training in modes:  # not model.train(): a submodule in eval (a frozen BN) stays
+            m.training = training
         for h in hooks:
             h.remove()
     counts = _consumer_counts(_tensors(out))
