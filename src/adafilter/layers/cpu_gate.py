@@ -29,7 +29,6 @@ that group or others may write is refused (one warning, the ATen step; :func:`bu
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -42,7 +41,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -293,12 +292,6 @@ def failed_marker() -> Path:
     """Written by :func:`ensure` when a build failed (the error), removed by a build that
     succeeds."""
     return build_directory() / "failed"
-
-
-@contextlib.contextmanager
-def builds_paused() -> Iterator[None]:
-    """Kept for training's callers: no forward starts a build any more, so nothing to pause."""
-    yield
 
 
 class Passes:

@@ -119,12 +119,10 @@ def fit(config: TrainConfig, *, on_step: StepCallback | None = None) -> dict[str
     env = init_distributed(device)
     if device.type == "cpu" and method.has_policies:  # the gated BN's compiled CPU passes
         cpu_gate.ensure(say=logger.info)  # built before training, never beside it
-    # No compile of the CPU inference code beside training: it would skew the throughput.
     where = [0]  # the epoch, for failure messages
     try:
         with (
             preserved_rng(),  # the caller's RNG states come back afterwards
-            cpu_gate.builds_paused(),
             stop_on_signals() as stop,
             explain_failures(env, where),
         ):
