@@ -317,6 +317,18 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": round(statistics.mean(values), 2), "std": round(sd, 2), "n": len(values)}
 
 
+def _class_spread(policy: dict[str, Any]) -> float | None:
+    """The std over classes of each class's share of fine-tuned filters (all layers pooled,
+    weighted by filters): 0 = every class uses the same share."""
+    per_class = policy.get("per_class") or {}
+    fractions, widths = per_class.get("fraction"), policy.get("out_channels")
+    if not fractions or not widths:
+        return None
+    total = sum(widths)
+    shares = [sum(f * w for f, w in zip(row, widths, strict=True)) / total for row in fractions]
+    return round(statistics.pstdev(shares), 4)
+
+
 def summarise(study: str, runs: list[tuple[str, int, dict[str, Any]]]) -> dict[str, Any]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for group, seed, _ in runs:
@@ -338,9 +350,11 @@ def summarise(study: str, runs: list[tuple[str, int, dict[str, Any]]]) -> dict[s
             "sgd_steps": s.get("sgd_steps"),
             "wall_time_s": round(s["wall_time_s"], 1),
         }
+        row["final_train_acc"] = round(metrics[-1]["train_acc"], 2) if metrics else None
         if (d / "policy.json").exists():
             pol = json.loads((d / "policy.json").read_text())
             row["policy_overall"] = [round(v, 3) for v in pol["overall"]]
+            row["policy_class_spread"] = _class_spread(pol)
         if metrics and metrics[-1].get("gate"):
             g = metrics[-1]["gate"]
             row["gate_last_epoch"] = {
