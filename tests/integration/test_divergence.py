@@ -33,6 +33,7 @@ def _patches(root: Path) -> Path:
     return root
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # default workers
 @pytest.mark.parametrize("method", ["adafilter", "random-policy"])
 def test_resnet18_at_32px_trains_with_precise_bn(tmp_path: Path, method: str) -> None:
     """The issue's command (every other option at its default): it diverged at epoch 2 with
