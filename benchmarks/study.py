@@ -286,11 +286,52 @@ def study_woof100(args: argparse.Namespace) -> list[tuple[str, int, dict[str, An
     return [(m, 0, _woof(args, 100, **base, method=m, seed=0)) for m in rows]
 
 
+# Issue 29, item 5: the default start of the gate, chosen on validation across regimes. The
+# CIFAR kind as a new user would run it (Lite0 at 64 px, 60 training images per class after a
+# 15-image validation split, 40 epochs of the CLI defaults: 10 steps an epoch, 400 SGD steps);
+# the far domain as `far-pad`; the dogs as `woof30`. Candidates: the heads' bias 0 (every
+# filter at the threshold: the random policy's start) and 2 (every filter fine-tuned: the
+# start is fine-tuning; Adam at 0.01 needs ~200 steps of one-signed gradient to cross).
+DEFAULTS_CIFAR = dict(train_per_class=75, val_fraction=0.2, epochs=40, eval_every=10)
+START_B2 = dict(method="adafilter", adafilter={"gate_bias_init": 2.0})
+
+
+def study_defaults(args: argparse.Namespace) -> list[tuple[str, int, dict[str, Any]]]:
+    """Issue 29 item 5: fine-tuning vs AdaFilter's bias-0 and bias-2 starts on CIFAR at 64 px
+    (400 steps, 3 seeds), the bias-2 start on the far domain (`far-pad`'s runs, 1,040 steps)
+    and on Imagewoof-30 (`woof30`'s runs, 440 steps)."""
+    cifar = {
+        "cifar64-finetune": dict(method="finetune"),
+        "cifar64-adafilter": dict(method="adafilter"),
+        "cifar64-adafilter-b2": START_B2,
+    }
+    runs = [
+        (name, seed, _lite0_cifar(args, **DEFAULTS_CIFAR, **v, seed=seed))
+        for seed in (0, 1)
+        for name, v in cifar.items()
+    ]
+    runs += [
+        ("far-adafilter-b2", seed, {**cfg, **START_B2})
+        for group, seed, cfg in study_far_pad(args)
+        if group == "adafilter"
+    ]
+    runs += [
+        (name, 2, _lite0_cifar(args, **DEFAULTS_CIFAR, **v, seed=2)) for name, v in cifar.items()
+    ]
+    runs += [
+        ("woof30-adafilter-b2", seed, {**cfg, **START_B2})
+        for group, seed, cfg in study_woof30(args)
+        if group == "adafilter"
+    ]
+    return runs
+
+
 STUDIES = {
     "flowers17": study_flowers17,
     "woof100": study_woof100,
     "woof-aug": study_woof_aug,
     "woof30": study_woof30,
+    "defaults": study_defaults,
     "precise-bn": study_precise_bn,
     "allf": study_allf,
     "gate-pilot": study_gate_pilot,
