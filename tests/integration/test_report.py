@@ -18,6 +18,7 @@ from matplotlib.image import imread
 from adafilter.errors import AdaFilterError
 from adafilter.report import (
     accuracy_tables,
+    assign_arms,
     format_cell,
     format_table,
     load_run,
@@ -350,3 +351,53 @@ def test_runs_with_policies_come_from_the_summary(tmp_path: Path) -> None:
     assert load_run(new).has_policies and "no policy.json" in "; ".join(load_run(new).notes)
     assert not load_run(plain).has_policies and not load_run(plain).notes
     assert load_run(old).has_policies and "no policy.json" in "; ".join(load_run(old).notes)
+
+
+def _arm_run(root: Path, name: str, seed: int, acc: float, **config: Any) -> Path:
+    run = root / f"{name}-s{seed}"
+    run.mkdir(parents=True)
+    gate = {"gate_bias_init": 0.0, "ste": "identity"}
+    gate.update(config.pop("resolved", {}))
+    summary = {
+        "method": "adafilter",
+        "dataset": "dogs",
+        "backbone": "lite0",
+        "seed": seed,
+        "final_test_acc": acc,
+        "method_info": {"adafilter": gate, "policy_mode": "learned"},
+        # bookkeeping (out, seed, eval_every) differs between seeds and is no setting
+        "config": {"lr": 0.01, "gate_lr": 0.01, "out": str(run), "seed": seed, "eval_every": 1}
+        | config,
+        "completed": True,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_runs_trained_differently_are_separate_arms_not_seeds(tmp_path: Path) -> None:
+    runs = [
+        _arm_run(tmp_path, "default", 0, 60.0),
+        _arm_run(tmp_path, "default", 1, 62.0, eval_every=5, adafilter={}),
+        # the paper preset: another gate lr, and an override equal to the resolved default
+        _arm_run(tmp_path, "paper", 0, 70.0, gate_lr=0.1, adafilter={"gate_bias_init": 0.0}),
+        _arm_run(tmp_path, "b2", 0, 50.0, resolved={"gate_bias_init": 2.0}),
+    ]
+    loaded = [load_run(r) for r in runs]
+    assign_arms(loaded)
+    assert [r.arm for r in loaded] == [
+        "adafilter (gate_bias_init=0.0, gate_lr=0.01)",
+        "adafilter (gate_bias_init=0.0, gate_lr=0.01)",
+        "adafilter (gate_bias_init=0.0, gate_lr=0.1)",
+        "adafilter (gate_bias_init=2.0, gate_lr=0.01)",
+    ]
+    [table] = accuracy_tables(loaded)
+    cells = {row[0]: row[1] for row in table.rows}
+    assert cells["adafilter (gate_bias_init=0.0, gate_lr=0.01)"] == "61.00 ± 1.41% (n=2)"
+    assert cells["adafilter (gate_bias_init=0.0, gate_lr=0.1)"] == "**70.00%**"
+    assert len(cells) == 3
+    # the same runs of one arm only keep the bare method name
+    alone = [load_run(r) for r in runs[:2]]
+    assign_arms(alone)
+    assert {r.arm for r in alone} == {"adafilter"}
+    out = make_report(runs, tmp_path / "report")
+    assert "gate_lr=0.1" in out["table"] and "n=2" in out["table"]

@@ -14,7 +14,7 @@ Layout: ``runs`` (reading run directories), ``tables``, ``figures``, ``render`` 
 
 from .figures import plot_accuracy, plot_gate_telemetry, plot_policy, plot_policy_by_class
 from .render import make_report
-from .runs import Run, expand_run_dirs, load_run
+from .runs import Run, assign_arms, expand_run_dirs, load_run
 from .tables import (
     METHOD_ORDER,
     Table,
@@ -30,6 +30,7 @@ __all__ = [
     "Run",
     "Table",
     "accuracy_tables",
+    "assign_arms",
     "details_table",
     "expand_run_dirs",
     "format_cell",

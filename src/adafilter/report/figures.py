@@ -46,7 +46,7 @@ def _png_bytes(fig: Any) -> bytes:
 def _method_colours(runs: Sequence[Run]) -> dict[str, Any]:
     from matplotlib import colormaps
 
-    methods = sorted({r.method for r in runs}, key=method_sort_key)
+    methods = sorted({r.arm for r in runs}, key=method_sort_key)
     cmap = colormaps["tab10" if len(methods) <= 10 else "tab20"]
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
@@ -99,12 +99,12 @@ def plot_accuracy(runs: Sequence[Run]) -> bytes | None:
     for idx, (dataset, backbone) in enumerate(panels):
         ax = axes[idx // ncols][idx % ncols]
         members = [c for c in curves if (c[0].dataset, c[0].backbone) == (dataset, backbone)]
-        members.sort(key=lambda c: (method_sort_key(c[0].method), c[0].seed or 0))
+        members.sort(key=lambda c: (method_sort_key(c[0].arm), c[0].seed or 0))
         for run, xs, ys in members:
             ax.plot(
                 xs,
                 ys,
-                color=colours[run.method],
+                color=colours[run.arm],
                 linestyle=styles[run.seed],
                 linewidth=1.6,
                 marker="o" if len(xs) == 1 else None,
@@ -112,7 +112,7 @@ def plot_accuracy(runs: Sequence[Run]) -> bytes | None:
             )
             if not run.completed:
                 any_partial = True
-                ax.plot(xs[-1], ys[-1], marker="x", color=colours[run.method], markersize=8, mew=2)
+                ax.plot(xs[-1], ys[-1], marker="x", color=colours[run.arm], markersize=8, mew=2)
         ax.set_title(f"{dataset} ({backbone})" if multi_bb else dataset, fontsize=11)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
@@ -144,7 +144,7 @@ def plot_accuracy(runs: Sequence[Run]) -> bytes | None:
 
 def _gated(runs: Sequence[Run]) -> list[Run]:
     out = [r for r in runs if r.policy is not None]
-    out.sort(key=lambda r: (r.backbone, r.dataset, method_sort_key(r.method), r.seed or 0))
+    out.sort(key=lambda r: (r.backbone, r.dataset, method_sort_key(r.arm), r.seed or 0))
     return out
 
 
@@ -179,7 +179,7 @@ def plot_policy(runs: Sequence[Run]) -> bytes | None:
         assert run.policy is not None
         ys = run.policy["overall"]
         xs = list(range(1, len(ys) + 1))
-        name = f"{run.method} · {run.dataset}" + (f" · {run.backbone}" if multi_bb else "")
+        name = f"{run.arm} · {run.dataset}" + (f" · {run.backbone}" if multi_bb else "")
         seed = "?" if run.seed is None else run.seed
         partial = "" if run.completed else ", partial"
         ax.plot(
@@ -248,7 +248,7 @@ def plot_gate_telemetry(runs: Sequence[Run]) -> bytes | None:
             origin="lower",
             extent=(epochs[0] - 0.5, epochs[-1] + 0.5, 0.5, len(share[0]) + 0.5),
         )
-        ax.set_title(f"{run.path.name} ({run.method}, seed {run.seed})", fontsize=9)
+        ax.set_title(f"{run.path.name} ({run.arm}, seed {run.seed})", fontsize=9)
         ax.set_xlabel("epoch")
         if col == 0:
             ax.set_ylabel("gated layer")
@@ -338,7 +338,7 @@ def plot_policy_by_class(runs: Sequence[Run]) -> bytes | None:
         )
         seed = "?" if run.seed is None else run.seed
         bb = f" · {run.backbone}" if multi_bb else ""
-        ax.set_title(f"{run.method} · {run.dataset}{bb} · seed {seed}\n({shown})", fontsize=10)
+        ax.set_title(f"{run.arm} · {run.dataset}{bb} · seed {seed}\n({shown})", fontsize=10)
     for idx in range(len(panels), nrows * ncols):
         axes[idx // ncols][idx % ncols].set_visible(False)
     fig.colorbar(

@@ -17,7 +17,7 @@ from .figures import (
     plot_policy,
     plot_policy_by_class,
 )
-from .runs import expand_run_dirs, load_run
+from .runs import assign_arms, expand_run_dirs, load_run
 from .tables import Table, accuracy_tables, details_table, runs_table
 
 __all__ = ["make_report"]
@@ -66,6 +66,7 @@ def make_report(
         AdaFilterError: If a path is not a run directory or a ``summary.json`` is unreadable.
     """
     runs = [load_run(p) for p in expand_run_dirs(run_dirs)]
+    assign_arms(runs)  # --preset paper beside the defaults, not averaged with them
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdaFilterError
 
-__all__ = ["Run", "expand_run_dirs", "load_run", "number"]
+__all__ = ["BOOKKEEPING", "Run", "assign_arms", "expand_run_dirs", "load_run", "number"]
+
+#: ``TrainConfig`` fields that say where and how a run was kept, not what was trained: runs
+#: that differ only in these (and the seed) are seeds of one arm.
+BOOKKEEPING = frozenset(
+    {
+        "out",
+        "seed",
+        "data_root",
+        "workers",
+        "device",
+        "eval_every",
+        "checkpoint_every",
+        "download",
+        "quiet",
+        "tensorboard",
+        "resume",
+        "compile_backend",
+    }
+)
 
 
 @dataclass
@@ -31,6 +50,7 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     policy: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    variant: str = ""
 
     @property
     def method(self) -> str:
@@ -54,9 +74,30 @@ class Run:
         return self.summary.get("completed") is not False
 
     @property
+    def arm(self) -> str:
+        """The method, with the settings that set this run apart from other runs of the same
+        method (:func:`assign_arms`), e.g. ``"adafilter (gate_optimizer=sgd, gate_lr=0.1)"``."""
+        return f"{self.method} ({self.variant})" if self.variant else self.method
+
+    @property
     def config_key(self) -> tuple[str, str, str]:
-        """``(method, dataset, backbone)``: runs sharing it differ only by seed."""
-        return (self.method, self.dataset, self.backbone)
+        """``(arm, dataset, backbone)``: runs sharing it differ only by seed."""
+        return (self.arm, self.dataset, self.backbone)
+
+    def settings(self) -> dict[str, Any]:
+        """What was trained: the saved configuration without :data:`BOOKKEEPING`, with the
+        method's resolved AdaFilter settings (``method_info``) flattened as ``adafilter.<field>``
+        (so an override equal to the default is no difference)."""
+        cfg = self.summary.get("config")
+        if not isinstance(cfg, dict):
+            return {}
+        out = {k: v for k, v in cfg.items() if k not in BOOKKEEPING and k != "adafilter"}
+        info = self.summary.get("method_info")
+        gate = info.get("adafilter") if isinstance(info, dict) else None
+        gate = gate if isinstance(gate, dict) else cfg.get("adafilter")
+        if isinstance(gate, dict):
+            out.update({f"adafilter.{k}": v for k, v in gate.items()})
+        return out
 
     @property
     def final_acc(self) -> float | None:
@@ -89,7 +130,38 @@ class Run:
     @property
     def label(self) -> str:
         seed = "?" if self.seed is None else str(self.seed)
-        return f"{self.method} · {self.dataset} · {self.backbone} · seed {seed}"
+        return f"{self.arm} · {self.dataset} · {self.backbone} · seed {seed}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return "/".join(_show(v) for v in value) or "[]"
+    return "none" if value is None else str(value)
+
+
+def assign_arms(runs: Sequence[Run]) -> None:
+    """Tell apart runs of one method that were trained differently.
+
+    Among the runs sharing (method, dataset, backbone), the settings whose values differ
+    (:meth:`Run.settings`) become each run's :attr:`Run.variant` (``"gate_lr=0.1, ..."``), so
+    that tables and figures show ``--preset paper`` beside the defaults instead of averaging
+    them as seeds. Runs with no such difference keep the bare method name.
+
+    Args:
+        runs: Runs read by :func:`load_run`; their ``variant`` is set in place.
+    """
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.method, run.dataset, run.backbone), []).append(run)
+    for members in groups.values():
+        settings = [m.settings() for m in members]
+        keys = sorted({k for s in settings for k in s})
+        differ = [
+            k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1
+        ]
+        for run, s in zip(members, settings, strict=True):
+            shown = (f"{k.removeprefix('adafilter.')}={_show(s.get(k))}" for k in differ)
+            run.variant = ", ".join(shown)
 
 
 def _cfg(summary: dict[str, Any], key: str) -> Any:

@@ -92,9 +92,11 @@ class Table:
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
-    """Sort key putting :data:`METHOD_ORDER` first, then other methods alphabetically."""
+    """Sort key putting :data:`METHOD_ORDER` first, then other methods alphabetically; an arm
+    (``"adafilter (gate_lr=0.1)"``, :attr:`Run.arm`) sorts with its method, then by its settings."""
+    name, _, variant = method.partition(" (")
     try:
-        return (METHOD_ORDER.index(method), "")
+        return (METHOD_ORDER.index(name), variant)
     except ValueError:
         return (len(METHOD_ORDER), method)
 
@@ -287,7 +289,7 @@ def format_table(runs: Sequence[Run]) -> str:
 def runs_table(runs: Sequence[Run], out_dir: Path) -> Table:
     rows = []
     for run in sorted(
-        runs, key=lambda r: (r.backbone, r.dataset, method_sort_key(r.method), r.seed or 0)
+        runs, key=lambda r: (r.backbone, r.dataset, method_sort_key(r.arm), r.seed or 0)
     ):
         try:
             where = os.path.relpath(run.path, out_dir)
@@ -297,7 +299,7 @@ def runs_table(runs: Sequence[Run], out_dir: Path) -> Table:
         rows.append(
             [
                 where,
-                run.method,
+                run.arm,
                 run.dataset,
                 run.backbone,
                 "?" if run.seed is None else str(run.seed),
