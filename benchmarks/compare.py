@@ -2,7 +2,8 @@
 
 A study's summary holds, per group, each seed's final test and validation accuracy. This script
 pairs two groups seed by seed (the same seed = the same data split, head initialisation and
-shuffling) and reports, for test and validation accuracy, each group's mean +- std and the
+shuffling) and reports, for the final test and validation accuracy and the test accuracy at the
+epoch early stopping on validation picks (``test_at_best_val``), each group's mean +- std and the
 paired difference (other minus base, mean +- std over the shared seeds). A difference inside the
 seeds' spread is no difference: the verdict says whether ``|mean difference|`` exceeds the
 larger of the two groups' std and the differences' std.
@@ -23,7 +24,7 @@ from typing import Any
 from adafilter.utils.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METRICS = ("final_test_acc", "final_val_acc")
+METRICS = ("final_test_acc", "final_val_acc", "test_at_best_val")
 
 
 def _seeds(ref: str) -> dict[int, dict[str, Any]]:
@@ -60,8 +61,8 @@ def compare(base: str, other: str) -> dict[str, Any]:
     if not shared:
         return out
     for metric in METRICS:
-        xs = [a[s][metric] for s in shared]
-        ys = [b[s][metric] for s in shared]
+        xs = [a[s].get(metric) for s in shared]
+        ys = [b[s].get(metric) for s in shared]
         if any(v is None for v in xs + ys):
             continue
         diff = [y - x for x, y in zip(xs, ys, strict=True)]

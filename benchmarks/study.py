@@ -370,6 +370,16 @@ def _class_spread(policy: dict[str, Any]) -> float | None:
     return round(statistics.pstdev(shares), 4)
 
 
+def _early_stopped(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Early stopping on validation: the first evaluated epoch with the best validation
+    accuracy, and the test accuracy there (a choice made without test data)."""
+    evals = [m for m in metrics if m.get("val_acc") is not None and m.get("test_acc") is not None]
+    if not evals:
+        return {}
+    best = max(evals, key=lambda m: (m["val_acc"], -m["epoch"]))
+    return {"best_val_epoch": best["epoch"], "test_at_best_val": round(best["test_acc"], 2)}
+
+
 def summarise(study: str, runs: list[tuple[str, int, dict[str, Any]]]) -> dict[str, Any]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for group, seed, _ in runs:
@@ -392,6 +402,7 @@ def summarise(study: str, runs: list[tuple[str, int, dict[str, Any]]]) -> dict[s
             "wall_time_s": round(s["wall_time_s"], 1),
         }
         row["final_train_acc"] = round(metrics[-1]["train_acc"], 2) if metrics else None
+        row.update(_early_stopped(metrics))
         if (d / "policy.json").exists():
             pol = json.loads((d / "policy.json").read_text())
             row["policy_overall"] = [round(v, 3) for v in pol["overall"]]
@@ -407,6 +418,7 @@ def summarise(study: str, runs: list[tuple[str, int, dict[str, Any]]]) -> dict[s
         entry = {
             "final_test_acc": _mean_std([r["final_test_acc"] for r in rows]),
             "final_val_acc": _mean_std([r["final_val_acc"] for r in rows]),
+            "test_at_best_val": _mean_std([r.get("test_at_best_val") for r in rows]),
             "seeds": rows,
         }
         out["groups"][group] = entry
