@@ -35,8 +35,26 @@ def test_swaps_statistics_only() -> None:
         assert not torch.equal(c.running_mean, a.running_mean)  # the run itself is untouched
 
 
-def test_gated_runs_are_refused() -> None:
+def test_gated_pairs_both_get_the_pretrained_statistics() -> None:
+    from adafilter import AdaFilterConfig, wrap
+
+    pretrained, _ = build_backbone("efficientnet-lite0", num_classes=10, weights="pretrained")
+    net, _ = build_backbone("efficientnet-lite0", num_classes=10, weights="pretrained")
+    gated = wrap(net, AdaFilterConfig())
+    with torch.no_grad():
+        for bn in _bns(gated):
+            bn.running_mean.add_(1.0)
+    swapped = bn_stats._with_pretrained_statistics(gated, "efficientnet-lite0", 10)
+    groups = bn_stats._bn_groups(swapped)
+    assert len(groups) == len(_bns(pretrained)) and len(_bns(swapped)) > len(groups)
+    for a, group in zip(_bns(pretrained), groups, strict=True):
+        for b in group:
+            assert torch.equal(b.running_mean, a.running_mean)
+            assert torch.equal(b.running_var, a.running_var)
+
+
+def test_other_backbones_are_refused() -> None:
     net, _ = build_backbone("efficientnet-lite0", num_classes=10, weights="pretrained")
     extra = nn.Sequential(net, nn.BatchNorm2d(3))  # one BN more than the pretrained network
-    with pytest.raises(SystemExit, match="plain-BN runs"):
+    with pytest.raises(SystemExit, match="runs of that backbone"):
         bn_stats._with_pretrained_statistics(extra, "efficientnet-lite0", 10)

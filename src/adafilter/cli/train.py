@@ -98,6 +98,11 @@ TRAIN_FLAGS: list[tuple[str, str] | None] = [
         "recompute BN statistics over N training batches before each evaluation "
         "(0 = off; default {d})",
     ),
+    (
+        "choose_bn_stats",
+        "at each evaluation keep the running or the precise BN statistics, whichever scores "
+        "higher on the validation split (needs --val-fraction; default off)",
+    ),
     ("bn_momentum", "override the backbone's BN momentum"),
     ("eval_every", "evaluate every N epochs (epoch 1 and the last always; {d})"),
     (

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdaFilterError
+from ..training.config import TrainConfig
 
 __all__ = ["BOOKKEEPING", "Run", "assign_arms", "expand_run_dirs", "load_run", "number"]
 
@@ -31,6 +32,9 @@ BOOKKEEPING = frozenset(
         "compile_backend",
     }
 )
+
+#: Every option's default, for runs saved before an option existed.
+_DEFAULTS: dict[str, Any] = TrainConfig().to_dict()
 
 
 @dataclass
@@ -87,10 +91,12 @@ class Run:
     def settings(self) -> dict[str, Any]:
         """What was trained: the saved configuration without :data:`BOOKKEEPING`, with the
         method's resolved AdaFilter settings (``method_info``) flattened as ``adafilter.<field>``
-        (so an override equal to the default is no difference)."""
+        (so an override equal to the default is no difference). A setting the run's version
+        did not have yet takes today's default: the option did not exist, so it was off."""
         cfg = self.summary.get("config")
         if not isinstance(cfg, dict):
             return {}
+        cfg = {**_DEFAULTS, **cfg}
         out = {k: v for k, v in cfg.items() if k not in BOOKKEEPING and k != "adafilter"}
         info = self.summary.get("method_info")
         gate = info.get("adafilter") if isinstance(info, dict) else None

@@ -101,6 +101,12 @@ class TrainConfig:
             every BN's running statistics exactly over this many training batches (training
             images through the evaluation transform, train mode, no gradients; each gated BN
             branch from the examples routed to it). 0 turns it off.
+        choose_bn_stats: At every evaluation, score the validation split with the running
+            BN statistics and with precise BN's, and keep whichever scores higher (ties: precise
+            BN); the metrics record the choice. Needs ``precise_bn > 0`` and
+            ``val_fraction > 0``. Where the target is close to the pretraining data the running
+            statistics (still partly the pretrained network's) were worth up to 15 points; where
+            it is not, precise BN was (docs/studies.md, Imagewoof).
         bn_momentum: Override the backbone's BN momentum for fine-tuning (``None`` keeps it:
             0.1 for torchvision ResNets, as the paper's ResNet-50; 0.01 for TF-ported
             EfficientNets such as Lite0).
@@ -156,6 +162,7 @@ class TrainConfig:
     random_p: float = AdaFilterConfig.random_p  # defined once, in AdaFilterConfig
     adafilter: dict[str, Any] = field(default_factory=dict)
     precise_bn: int = 16
+    choose_bn_stats: bool = False
     bn_momentum: float | None = None
     eval_every: int = 1
     checkpoint_every: int = 0
@@ -172,6 +179,12 @@ class TrainConfig:
         self.milestones = sorted(int(m) for m in self.milestones)
         if self.precise_bn < 0:
             raise AdaFilterError(f"precise_bn must be >= 0 batches, got {self.precise_bn!r}")
+        if self.choose_bn_stats and (self.precise_bn <= 0 or self.val_fraction <= 0):
+            raise AdaFilterError(
+                "choose_bn_stats compares running and precise BN statistics on validation: "
+                f"it needs precise_bn > 0 and val_fraction > 0 (got {self.precise_bn!r} and "
+                f"{self.val_fraction!r})"
+            )
         if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
             raise AdaFilterError(f"bn_momentum must be in (0, 1], got {self.bn_momentum!r}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -57,7 +57,7 @@ from .data import (
 )
 from .loop import EpochState, evaluate, recalibrate, train_one_epoch
 from .optim import build_optimizer, build_param_groups, build_scheduler, group_lr
-from .precise_bn import set_bn_momentum
+from .precise_bn import bn_statistics, restore_bn_statistics, set_bn_momentum
 from .run_dir import RunDir, load_model_state
 from .stopping import (
     StopRequest,
@@ -334,6 +334,8 @@ class Trainer:
                 report()
         row = _metrics_row(epoch, lr, gate_lr if self.method.trains_gate else None, train)
         row.update(_eval_fields(evaluated))
+        if "bn" in evaluated:
+            row["bn_stats"] = evaluated["bn"]
         row["seconds"] = time.perf_counter() - t_epoch
         if resume_from is not None:
             row["seconds"] += resume_from.seconds
@@ -427,30 +429,57 @@ class Trainer:
         barrier(self.env)  # no rank leaves (and gets its job torn down) before the write ends
 
     def _evaluate(self, *, final: bool) -> dict[str, dict[str, Any]]:
-        """Precise BN (if configured), then the validation and test splits."""
+        """Precise BN (if configured; or the BN statistics validation prefers), then the
+        validation and test splits."""
         out: dict[str, dict[str, Any]] = {"val": {}, "test": {}}
-        kw = {
-            "device": self.device,
-            "amp_dtype": self.amp_dtype,
-            "channels_last": self.config.channels_last,
-            "env": self.env,
-        }
         if self.loaders["calib"] is not None:
-            recalibrate(self.module, self.loaders["calib"], **kw)
+            if self.config.choose_bn_stats and self.loaders["val"] is not None:
+                out["bn"], out["val"] = self._choose_bn_stats()
+            else:
+                recalibrate(self.module, self.loaders["calib"], **self._eval_kw())
         for split in ("val", "test"):
-            if self.loaders[split] is None:
+            if self.loaders[split] is None or out[split]:
                 continue
-            # The same policy draws at every evaluation, so `adafilter eval` reproduces test_acc.
-            self.method.on_evaluate(self.prepared, seed=self.config.seed, rank=self.env.rank)
             stats = None
             if final and split == "test":
                 stats = self.method.policy_stats(
                     self.prepared, num_classes=self.num_classes, device=self.device
                 )
-            out[split] = evaluate(
-                self.module, self.loaders[split], policy_stats=stats, progress=self.progress, **kw
-            )
+            out[split] = self._evaluate_split(split, policy_stats=stats)
         return out
+
+    def _eval_kw(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "amp_dtype": self.amp_dtype,
+            "channels_last": self.config.channels_last,
+            "env": self.env,
+        }
+
+    def _evaluate_split(self, split: str, **kw: Any) -> dict[str, Any]:
+        # The same policy draws at every evaluation, so `adafilter eval` reproduces test_acc.
+        self.method.on_evaluate(self.prepared, seed=self.config.seed, rank=self.env.rank)
+        return evaluate(
+            self.module, self.loaders[split], progress=self.progress, **kw, **self._eval_kw()
+        )
+
+    def _choose_bn_stats(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``choose_bn_stats``: validation with the running statistics, then with precise BN's;
+        the running ones are put back if they scored higher. The choice (the same on every
+        rank: accuracies are all-reduced) and the chosen statistics' validation result."""
+        running = bn_statistics(self.module)
+        with_running = self._evaluate_split("val")
+        recalibrate(self.module, self.loaders["calib"], **self._eval_kw())
+        with_precise = self._evaluate_split("val")
+        keep_running = with_running["acc"] > with_precise["acc"]
+        if keep_running:
+            restore_bn_statistics(self.module, running)
+        choice = {
+            "stats": "running" if keep_running else "precise",
+            "val_acc_running": with_running["acc"],
+            "val_acc_precise": with_precise["acc"],
+        }
+        return choice, with_running if keep_running else with_precise
 
     def save(self, epoch: int) -> None:
         """Rank 0: the checkpoint and every result file for ``epoch``."""
@@ -563,6 +592,8 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
             parts.append(
                 f"{split}_loss {row[f'{split}_loss']:.4f} {split}_acc {row[f'{split}_acc']:.2f}"
             )
+    if row.get("bn_stats"):
+        parts.append(f"bn {row['bn_stats']['stats']}")
     parts.append(f"{row['seconds']:.1f}s {row['images_per_second']:.0f} img/s")
     return " ".join(parts)
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..distributed import DistEnv, all_reduce_sum
 from ..layers.gated_bn import BranchBatch, observe_branch_stats
 
-__all__ = ["recalibrate_bn", "set_bn_momentum"]
+__all__ = ["bn_statistics", "recalibrate_bn", "restore_bn_statistics", "set_bn_momentum"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -219,3 +219,25 @@ def set_bn_momentum(model: nn.Module, momentum: float | None) -> int:
     for bn in bns:
         bn.momentum = momentum
     return len(bns)
+
+
+def bn_statistics(model: nn.Module) -> list[Tensor]:
+    """A copy of every tracking BN's running mean and variance, ``(2, C)`` each, in module
+    order: what :func:`restore_bn_statistics` puts back (e.g. after a precise-BN pass that
+    validation did not prefer)."""
+    return [
+        torch.stack([bn.running_mean, bn.running_var]).clone()
+        for bn in model.modules()
+        if isinstance(bn, _BN) and bn.track_running_stats
+    ]
+
+
+def restore_bn_statistics(model: nn.Module, saved: list[Tensor]) -> None:
+    """Put back the running statistics :func:`bn_statistics` copied from ``model``."""
+    bns = [bn for bn in model.modules() if isinstance(bn, _BN) and bn.track_running_stats]
+    if len(bns) != len(saved):
+        raise ValueError(f"{len(saved)} saved BN statistics for {len(bns)} BNs")
+    with torch.no_grad():
+        for bn, stats in zip(bns, saved, strict=True):
+            bn.running_mean.copy_(stats[0])
+            bn.running_var.copy_(stats[1])
