@@ -149,7 +149,7 @@ def recalibrate_bn(
     Returns:
         The number of BN modules whose statistics were recomputed.
     """
-    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    bns = _tracking_bns(model)
     if not bns:
         return 0
     tracked = {id(bn): bn.num_batches_tracked.clone() for bn in bns}
@@ -158,7 +158,7 @@ def recalibrate_bn(
     try:
         model.train()
         for done in range(1, max_passes + 1):
-            before = [torch.stack([bn.running_mean, bn.running_var]).clone() for bn in bns]
+            before = _statistics(bns)
             pool = _one_pass(model, bns, batches, forward or model)
             updated, degenerate = pool.write(env)
             if not degenerate or once or done == max_passes or _settled(bns, before):
@@ -221,20 +221,25 @@ def set_bn_momentum(model: nn.Module, momentum: float | None) -> int:
     return len(bns)
 
 
+def _tracking_bns(model: nn.Module) -> list[_BN]:
+    """The BNs of ``model`` that keep running statistics, in module order."""
+    return [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+
+
+def _statistics(bns: list[_BN]) -> list[Tensor]:
+    return [torch.stack([bn.running_mean, bn.running_var]).clone() for bn in bns]
+
+
 def bn_statistics(model: nn.Module) -> list[Tensor]:
     """A copy of every tracking BN's running mean and variance, ``(2, C)`` each, in module
     order: what :func:`restore_bn_statistics` puts back (e.g. after a precise-BN pass that
     validation did not prefer)."""
-    return [
-        torch.stack([bn.running_mean, bn.running_var]).clone()
-        for bn in model.modules()
-        if isinstance(bn, _BN) and bn.track_running_stats
-    ]
+    return _statistics(_tracking_bns(model))
 
 
 def restore_bn_statistics(model: nn.Module, saved: list[Tensor]) -> None:
     """Put back the running statistics :func:`bn_statistics` copied from ``model``."""
-    bns = [bn for bn in model.modules() if isinstance(bn, _BN) and bn.track_running_stats]
+    bns = _tracking_bns(model)
     if len(bns) != len(saved):
         raise ValueError(f"{len(saved)} saved BN statistics for {len(bns)} BNs")
     with torch.no_grad():
