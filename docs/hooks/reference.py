@@ -1,9 +1,12 @@
-"""MkDocs hook: the CLI and configuration reference pages, generated from the code at build time.
+"""MkDocs hook: the home page and the reference pages, generated at build time.
+
+``index.md`` is the README with its ``docs/`` links made relative to the docs directory, so the
+site's home page cannot fall behind the README.
 
 ``reference/cli.md`` comes from the ``adafilter`` argument parser (every subcommand's flags, as
 ``--help`` shows them) and ``reference/config.md`` from the ``TrainConfig`` and
 ``AdaFilterConfig`` dataclasses (fields, types, defaults and their docstrings' ``Attributes``),
-so the reference has no second copy that could drift. Both files are written into ``docs/``
+so the reference has no second copy that could drift. All three are written into ``docs/``
 before MkDocs collects the pages and are not committed.
 """
 
@@ -16,7 +19,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-GENERATED = ("reference/cli.md", "reference/config.md")
+GENERATED = ("index.md", "reference/cli.md", "reference/config.md")
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _cell(text: str) -> str:
@@ -120,10 +124,15 @@ def config_page() -> str:
     return "\n".join(out)
 
 
+def home_page() -> str:
+    """The README as the site's home page: links into ``docs/`` become relative to it."""
+    return re.sub(r"\]\(docs/", "](", README.read_text())
+
+
 def on_pre_build(config: Any, **_: Any) -> None:
     """Write the generated pages into the docs directory before MkDocs collects them."""
     docs = Path(config["docs_dir"])
-    for rel, text in zip(GENERATED, (cli_page(), config_page()), strict=True):
+    for rel, text in zip(GENERATED, (home_page(), cli_page(), config_page()), strict=True):
         path = docs / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or path.read_text() != text:

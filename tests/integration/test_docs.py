@@ -4,6 +4,7 @@ and unresolved API references fail), and its generated reference covers every fl
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,20 @@ def test_api_reference_renders_the_docstrings(site: Path) -> None:
         assert f"{name}" in html
     assert "Wrap" in html or "wrap" in html
     assert "Raises" in html or "Returns" in html  # Google-style sections parsed
+
+
+def test_the_home_page_is_the_readme(site: Path) -> None:
+    """The site's home page is generated from the README, so it shows the README's current
+    results table, and every ``docs/`` link of the README resolves inside the site."""
+    readme = (REPO / "README.md").read_text()
+    html = (site / "index.html").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows
+    numbers = [c.strip() for row in rows for c in row.split("|")]
+    numbers = [c for c in numbers if re.fullmatch(r"-?[\d.,]+( ± [\d.]+)?", c)]
+    assert numbers
+    missing = [c for c in numbers if f">{c}<" not in html]
+    assert not missing, missing
+    for target in re.findall(r"\]\(docs/([^)#]+)", readme):
+        built = site / (target if not target.endswith(".md") else target[:-3] + "/index.html")
+        assert built.exists(), target
